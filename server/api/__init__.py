@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API: one folder per endpoint (protocol, serving, router)."""

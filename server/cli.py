@@ -1,0 +1,170 @@
+"""`python -m server …`: the operator's command line. Every subcommand has --help."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from server.settings import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {}
+    if getattr(args, "host", None):
+        overrides["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        overrides["port"] = args.port
+    return load_settings(args.config, **overrides)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.storage.migrate import upgrade
+
+    settings = _settings(args)
+    _logging(settings.log_level)
+    upgrade(settings.sqlalchemy_url)
+    app = create_app(settings, migrate=False)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+        access_log=False,
+    )
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from server.storage.migrate import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.sqlalchemy_url, args.revision)
+    print(f"database at {_redact(settings.sqlalchemy_url)} is at revision {args.revision}")
+    return 0
+
+
+def cmd_db_current(args: argparse.Namespace) -> int:
+    from server.storage.db import Database
+    from server.storage.migrate import current_revision, head_revision
+
+    settings = _settings(args)
+    db = Database(settings.sqlalchemy_url)
+    try:
+        print(json.dumps({"current": current_revision(db), "head": head_revision(settings.sqlalchemy_url)}))
+    finally:
+        db.dispose()
+    return 0
+
+
+def cmd_models_import_default(args: argparse.Namespace) -> int:
+    """Convert the embedded default model (once) and record its version and digest."""
+    from server.registry.versions import resolve_model
+    from server.storage.db import Database
+    from server.storage.migrate import upgrade
+
+    settings = _settings(args)
+    _logging("warning")
+    upgrade(settings.sqlalchemy_url)
+    model = next((m for m in settings.models if m.path is None), None)
+    if model is None:
+        print("no configured model uses the embedded default; nothing to import", file=sys.stderr)
+        return 0
+    db = Database(settings.sqlalchemy_url)
+    try:
+        info = resolve_model(settings, model, db, progress=not args.json)
+    finally:
+        db.dispose()
+    out = {"name": info.name, "version": info.version, "digest": info.digest, "path": str(info.path)}
+    print(json.dumps(out) if args.json else f"{info.fingerprint} at {info.path}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from server.storage.db import Database
+    from server.storage.models import ModelVersion
+
+    settings = _settings(args)
+    db = Database(settings.sqlalchemy_url)
+    try:
+        with db.session() as session:
+            rows = [
+                {
+                    "name": r.name,
+                    "version": r.version,
+                    "digest": r.digest,
+                    "path": r.path,
+                    "size_bytes": r.size_bytes,
+                    "created_at": r.created_at.isoformat(),
+                }
+                for r in session.scalars(select(ModelVersion).order_by(ModelVersion.name, ModelVersion.id))
+            ]
+    finally:
+        db.dispose()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']}\t{r['version']}\tsha256:{r['digest'][:12]}\t{r['path']}")
+    return 0
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m server", description="Secure OpenAI-compatible model server")
+    parser.add_argument("--config", type=Path, help="extra TOML config file (also $SERVER_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(
+        name: str, func: Callable[[argparse.Namespace], int], help_text: str, parent: argparse._SubParsersAction = sub
+    ) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    serve = add("serve", cmd_serve, "migrate the database, then serve the API (engines load in the background)")
+    serve.add_argument("--host", help="bind address (default from config: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default from config: 8000)")
+
+    db = sub.add_parser("db", help="database migrations", description="database migrations")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    upgrade = add("upgrade", cmd_db_upgrade, "apply migrations up to a revision", db_sub)
+    upgrade.add_argument("revision", nargs="?", default="head")
+    add("current", cmd_db_current, "print the current and head revisions as JSON", db_sub)
+
+    models = sub.add_parser("models", help="served model versions", description="served model versions")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    imp = add(
+        "import-default",
+        cmd_models_import_default,
+        "convert the embedded default model (SmolLM2-135M-Instruct) once and record its digest",
+        models_sub,
+    )
+    imp.add_argument("--json", action="store_true", help="print the result as JSON")
+    lst = add("list", cmd_models_list, "list recorded model versions", models_sub)
+    lst.add_argument("--json", action="store_true", help="print as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

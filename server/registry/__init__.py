@@ -1,0 +1,1 @@
+"""Model registry: where each model comes from, what its bytes are, and which version they are."""

