@@ -3,10 +3,10 @@
 from alembic import context
 
 from server.storage.db import make_engine
-from server.storage.models import Base
+from server.storage.base import all_tables
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = all_tables()
 
 
 def run_migrations_offline() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI
 
@@ -14,10 +15,24 @@ from server.api.chat.serving import ChatService
 from server.api.completions.router import router as completions_router
 from server.api.completions.serving import CompletionService
 from server.api.errors import install_error_handlers
+from server.api.health import metrics_router
 from server.api.health import router as health_router
 from server.api.models_router import router as models_router
+from server.audit.routes import router as audit_router
+from server.audit.sink import AuditSink
 from server.engine.hub import EngineFactory, EngineHub, default_engine_factory
 from server.engine.types import ModelInfo
+from server.identity.admin_routes import router as admin_router
+from server.identity.auth_routes import router as auth_router
+from server.identity.authn import Authenticator
+from server.identity.authz import check_route_declarations
+from server.identity.lockout import LoginThrottle
+from server.identity.login import LoginService
+from server.identity.passwords import PasswordHasher
+from server.identity.secrets import Keyring, load_master_secret
+from server.identity.service import ensure_builtin_roles
+from server.identity.tokens import TokenService
+from server.identity.totp import TotpService
 from server.observability.metrics import Metrics, MetricsMiddleware
 from server.settings import Settings
 from server.storage.db import Database
@@ -25,6 +40,7 @@ from server.storage.db import Database
 log = logging.getLogger(__name__)
 
 Resolver = Callable[[Settings, Database], list[ModelInfo]]
+_SIGNING_KEY_CHECK_SECONDS = 300
 
 
 def resolve_configured_models(settings: Settings, db: Database) -> list[ModelInfo]:
@@ -33,27 +49,58 @@ def resolve_configured_models(settings: Settings, db: Database) -> list[ModelInf
     return [resolve_model(settings, model, db) for model in settings.models]
 
 
+@dataclass
+class Identity:
+    """The identity services of one app, built from settings."""
+
+    keyring: Keyring
+    hasher: PasswordHasher
+    tokens: TokenService
+    totp: TotpService
+    login: LoginService
+    authenticator: Authenticator
+
+    @classmethod
+    def build(
+        cls, settings: Settings, db: Database, audit: AuditSink, hasher: PasswordHasher | None = None
+    ) -> Identity:
+        keyring = Keyring(load_master_secret(settings))
+        auth = settings.auth
+        hasher = hasher or PasswordHasher()
+        tokens = TokenService(db, keyring, auth)
+        totp = TotpService(keyring, issuer=auth.issuer)
+        throttle = LoginThrottle(auth.lockout_threshold, auth.lockout_base_seconds, auth.lockout_max_seconds)
+        login = LoginService(db, hasher, throttle, totp, tokens, auth)
+        return cls(keyring, hasher, tokens, totp, login, Authenticator(db, keyring, tokens, auth, audit))
+
+    def prepare(self, db: Database) -> None:
+        """Blocking start-up work: built-in roles and a signing key exist."""
+        with db.session() as session:
+            ensure_builtin_roles(session)
+        self.tokens.ensure_signing_key()
+        self.authenticator.poll()
+
+
 def create_app(
     settings: Settings,
     *,
     engine_factory: EngineFactory | None = None,
     resolver: Resolver | None = None,
     migrate: bool = True,
+    password_hasher: PasswordHasher | None = None,
 ) -> FastAPI:
     """Build the server. Engines load in the background after start; /readyz turns 200 once they are up."""
     db = Database(settings.sqlalchemy_url)
     hub = EngineHub()
     metrics = Metrics()
     metrics.watch_engines(lambda: hub.engines)
+    audit_sink = AuditSink(db)
+    identity = Identity.build(settings, db, audit_sink, password_hasher)
     factory = engine_factory or default_engine_factory(settings)
     resolve = resolver or resolve_configured_models
 
-    async def boot() -> None:
+    async def boot_engines() -> None:
         try:
-            if migrate:
-                from server.storage.migrate import upgrade
-
-                await asyncio.to_thread(upgrade, settings.sqlalchemy_url)
             infos = await asyncio.to_thread(resolve, settings, db)
             for info in infos:
                 hub.add(await asyncio.to_thread(factory, info))
@@ -62,28 +109,57 @@ def create_app(
             hub.start_error = f"{type(exc).__name__}: {exc}"
             log.exception("the server could not start its engines; /readyz reports why")
 
+    async def rotate_signing_keys() -> None:
+        while True:
+            await asyncio.sleep(_SIGNING_KEY_CHECK_SECONDS)
+            try:
+                await asyncio.to_thread(identity.tokens.maybe_rotate)
+            except Exception:
+                log.exception("signing key rotation check failed")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.boot = asyncio.create_task(boot())
+        if migrate:
+            from server.storage.migrate import upgrade
+
+            await asyncio.to_thread(upgrade, settings.sqlalchemy_url)
+        await asyncio.to_thread(identity.prepare, db)
+        identity.authenticator.start()
+        audit_sink.start()
+        tasks = [asyncio.create_task(boot_engines()), asyncio.create_task(rotate_signing_keys())]
+        app.state.boot = tasks[0]
         try:
             yield
         finally:
-            app.state.boot.cancel()
-            await asyncio.gather(app.state.boot, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await hub.stop()
+            await identity.authenticator.stop()
+            await audit_sink.stop()
             db.dispose()
 
     app = FastAPI(
         title="Secure model server", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
-    app.state.settings = settings
-    app.state.db = db
-    app.state.hub = hub
-    app.state.metrics = metrics
-    app.state.chat = ChatService(hub, settings.limits, metrics)
-    app.state.completions = CompletionService(hub, settings.limits, metrics)
-    for router in (health_router, models_router, chat_router, completions_router):
+    state = app.state
+    state.settings, state.db, state.hub, state.metrics, state.audit_sink = settings, db, hub, metrics, audit_sink
+    state.keyring, state.hasher, state.tokens = identity.keyring, identity.hasher, identity.tokens
+    state.totp, state.login, state.authenticator = identity.totp, identity.login, identity.authenticator
+    state.chat = ChatService(hub, settings.limits, metrics)
+    state.completions = CompletionService(hub, settings.limits, metrics)
+    for router in (
+        health_router,
+        metrics_router(settings.auth.metrics_public),
+        models_router,
+        chat_router,
+        completions_router,
+        auth_router,
+        admin_router,
+        audit_router,
+    ):
         app.include_router(router)
+    check_route_declarations(app)
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

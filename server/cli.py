@@ -94,8 +94,8 @@ def cmd_models_import_default(args: argparse.Namespace) -> int:
 def cmd_models_list(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
+    from server.registry.models import ModelVersion
     from server.storage.db import Database
-    from server.storage.models import ModelVersion
 
     settings = _settings(args)
     db = Database(settings.sqlalchemy_url)
@@ -162,7 +162,80 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--json", action="store_true", help="print the result as JSON")
     lst = add("list", cmd_models_list, "list recorded model versions", models_sub)
     lst.add_argument("--json", action="store_true", help="print as JSON")
+    _add_identity_commands(sub, add)
+
+    routes = add("routes", cmd_routes, "list every route with its required permission")
+    routes.add_argument("--json", action="store_true", help="print as JSON")
     return parser
+
+
+def _add_identity_commands(sub: argparse._SubParsersAction, add: Callable[..., argparse.ArgumentParser]) -> None:
+    from server.identity import cli as identity
+
+    def bind(func: Callable[..., int]) -> Callable[[argparse.Namespace], int]:
+        return lambda args: identity.run(func, _settings(args), args)
+
+    admin = sub.add_parser("admin", help="installation administration", description="installation administration")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    boot = add(
+        "bootstrap",
+        bind(identity.bootstrap),
+        "create the first organization and its owner (once); prints "
+        "the one-time password, TOTP provisioning URI and recovery codes once",
+        admin_sub,
+    )
+    boot.add_argument("--org", default="default", help="organization name (default: default)")
+    boot.add_argument("--email", default="owner@example.com", help="owner email")
+    boot.add_argument("--json", action="store_true", help="print as JSON")
+
+    users = sub.add_parser("users", help="users", description="users")
+    users_sub = users.add_subparsers(dest="users_command", required=True)
+    uc = add("create", bind(identity.users_create), "create a user", users_sub)
+    uc.add_argument("--email", required=True)
+    uc.add_argument("--roles", default="developer", help="comma-separated roles (default: developer)")
+    uc.add_argument("--org", help="organization id (default: the operator's)")
+    uc.add_argument("--password", action="store_true", help="generate a one-time password and print it")
+    uc.add_argument("--json", action="store_true")
+    ul = add("list", bind(identity.users_list), "list users", users_sub)
+    ul.add_argument("--json", action="store_true")
+
+    keys = sub.add_parser("keys", help="API keys", description="API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    kc = add("create", bind(identity.keys_create), "create an API key (printed once)", keys_sub)
+    kc.add_argument("--scopes", default="inference", help="comma-separated scopes (default: inference)")
+    kc.add_argument("--user", help="owner user id (default: the operator service account)")
+    kc.add_argument("--name", default="", help="a label")
+    kc.add_argument("--models", help="comma-separated model allowlist (default: all)")
+    kc.add_argument("--expires-days", type=float, help="expire after this many days")
+    kc.add_argument("--json", action="store_true")
+    kl = add("list", bind(identity.keys_list), "list API keys (never their secrets)", keys_sub)
+    kl.add_argument("--json", action="store_true")
+    for verb, text in (
+        ("revoke", "revoke a key on every replica within a second"),
+        ("rotate", "new secret for a key; the old one works for the overlap window"),
+    ):
+        kv = add(verb, bind(identity.keys_change), text, keys_sub)
+        kv.add_argument("key_id")
+        kv.add_argument("--json", action="store_true")
+
+    auth = sub.add_parser("auth", help="token signing keys", description="token signing keys")
+    auth_sub = auth.add_subparsers(dest="auth_command", required=True)
+    rot = add("rotate-signing-key", bind(identity.signing_key_rotate), "rotate the JWT signing key", auth_sub)
+    rot.add_argument("--json", action="store_true")
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    from server.app import create_app
+    from server.identity.authz import route_table
+
+    settings = _settings(args)
+    rows = route_table(create_app(settings, migrate=False))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{','.join(row['methods']):8s} {row['path']:45s} {row['permission']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,15 @@
     │   ├── UnknownField (400, code=unknown_field)
     │   ├── ContextLengthExceeded (400, code=context_length_exceeded)
     │   └── RequestTooLarge (413, code=request_too_large)
+    ├── Unauthenticated (401, code=invalid_api_key / invalid_token / missing_credentials …)
+    │   └── StepUpRequired (401, code=mfa_step_up_required)
+    ├── PermissionDenied (403, code=permission_denied / model_not_allowed)
+    ├── TooManyAttempts (429, code=too_many_attempts, Retry-After)
+    ├── Conflict (409, code=conflict)
     ├── NotFound (404, invalid_request_error, code=model_not_found / not_found)
     ├── MethodNotAllowed (405)
     ├── EngineUnavailable (503, service_unavailable)
+    ├── AuthUnavailable (503, code=auth_unavailable: fails closed when credentials cannot be checked)
     └── EngineFailure (500, server_error)
 
 Every response body is {"error": {"message", "type", "param", "code"}}; messages say what was wrong and
@@ -53,6 +59,44 @@ class ContextLengthExceeded(InvalidRequest):
 class RequestTooLarge(InvalidRequest):
     status_code = 413
     default_code = "request_too_large"
+
+
+class Unauthenticated(ServerError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+    def __init__(self, message: str, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.headers.setdefault("WWW-Authenticate", 'Bearer realm="api"')
+
+
+class StepUpRequired(Unauthenticated):
+    default_code = "mfa_step_up_required"
+
+
+class PermissionDenied(ServerError):
+    status_code = 403
+    error_type = "invalid_request_error"
+    default_code = "permission_denied"
+
+
+class TooManyAttempts(ServerError):
+    status_code = 429
+    error_type = "rate_limit_exceeded"
+    default_code = "too_many_attempts"
+
+
+class Conflict(ServerError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
+
+
+class AuthUnavailable(ServerError):
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "auth_unavailable"
 
 
 class NotFound(ServerError):

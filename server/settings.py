@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -72,6 +72,33 @@ class LimitSettings(BaseModel):
     max_tools: int = Field(default=64, ge=0)
 
 
+class AuthSettings(BaseModel):
+    """Identity and access settings."""
+
+    model_config = {"extra": "forbid"}
+
+    # Master secret (>= 32 bytes, e.g. `openssl rand -base64 48`); the API-key pepper and the key-encryption
+    # key are derived from it. Unset in development: generated once into <data_dir>/secret.key (0600).
+    # Required in production.
+    secret_key: SecretStr | None = None
+    issuer: str = "secure-model-server"
+    audience: str = "secure-model-server"
+    token_ttl_seconds: int = Field(default=900, ge=30, le=3600)
+    jwt_algorithm: Literal["EdDSA", "ES256"] = "EdDSA"
+    signing_key_rotation_hours: float = Field(default=24.0, gt=0)
+    step_up_max_age_seconds: int = Field(default=600, ge=30)
+    # Revocation reaches every replica within this bound: caches are dropped when the credentials
+    # counter moves, and are not trusted at all once the last successful poll is older than this.
+    revocation_max_delay_seconds: float = Field(default=1.0, gt=0, le=10)
+    key_rotation_overlap_seconds: int = Field(default=86400, ge=0)
+    lockout_threshold: int = Field(default=5, ge=1)
+    lockout_base_seconds: float = Field(default=1.0, gt=0)
+    lockout_max_seconds: float = Field(default=900.0, gt=0)
+    password_min_length: int = Field(default=12, ge=8)
+    # /metrics needs the `metrics:read` permission unless this is true (then bind it to a private address).
+    metrics_public: bool = False
+
+
 class Settings(BaseSettings):
     """Every knob of one server process."""
 
@@ -93,6 +120,7 @@ class Settings(BaseSettings):
     pools: list[PoolSettings] = Field(default_factory=lambda: [PoolSettings()])
     models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings()])
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @classmethod
     def settings_customise_sources(

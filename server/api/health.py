@@ -5,16 +5,19 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from server.identity.authz import requires
+from server.identity.rbac import PUBLIC
+
 router = APIRouter()
 
 
-@router.get("/healthz")
+@router.get("/healthz", dependencies=[requires(PUBLIC)])
 async def healthz() -> dict[str, str]:
     """The process is alive (the engine may still be starting)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", dependencies=[requires(PUBLIC)])
 async def readyz(request: Request) -> Response:
     """200 only once every engine is up; 503 with the reason otherwise."""
     hub = request.app.state.hub
@@ -29,6 +32,12 @@ async def readyz(request: Request) -> Response:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
-async def metrics(request: Request) -> Response:
-    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+def metrics_router(public: bool) -> APIRouter:
+    """/metrics needs `metrics:read` unless the operator made it public (then bind it privately)."""
+    metrics_routes = APIRouter()
+
+    @metrics_routes.get("/metrics", dependencies=[requires(PUBLIC if public else "metrics:read")])
+    async def metrics(request: Request) -> Response:
+        return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return metrics_routes

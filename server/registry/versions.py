@@ -16,9 +16,9 @@ from sqlalchemy import func, select
 from server.engine.types import ModelInfo
 from server.registry.default_model import DEFAULT_MODEL_DIRNAME, ensure_default_model
 from server.registry.digest import digest_folder
+from server.registry.models import ModelVersion
 from server.settings import ModelSettings, Settings
 from server.storage.db import Database
-from server.storage.models import ModelVersion
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from server.api.sampling import build_options
 from server.api.streaming import DONE, EventStreamResponse, cancel_on_disconnect, sse
 from server.engine.hub import EngineHub
 from server.engine.types import Engine, GenerationRequest, StructuredOutput
-from server.errors import InvalidRequest, ServerError
+from server.errors import InvalidRequest, PermissionDenied, ServerError
+from server.identity.authn import principal_of
 from server.observability.metrics import Metrics
 from server.settings import LimitSettings
 
@@ -40,6 +41,10 @@ class ChatService:
 
     async def create(self, request: Request) -> Response:
         req = parse_request(ChatCompletionRequest, await read_body(request, self.limits.max_body_bytes))
+        if not principal_of(request).may_use_model(req.model):
+            raise PermissionDenied(
+                f"This API key may not use the model {req.model!r}.", param="model", code="model_not_allowed"
+            )
         engine = self.hub.get(req.model)
         self._check_messages(req)
         tooling.validate_tools(req, self.limits.max_tools)

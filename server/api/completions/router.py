@@ -3,9 +3,11 @@
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from server.identity.authz import requires
+
 router = APIRouter()
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", dependencies=[requires("inference")])
 async def create_completion(request: Request) -> Response:
     return await request.app.state.completions.create(request)

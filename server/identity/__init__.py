@@ -1,0 +1,1 @@
+"""Identity and access: organizations, users, roles, API keys, tokens, MFA and RBAC."""

@@ -1,0 +1,84 @@
+"""Migrations and model-version records, against SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import inspect
+
+from server.registry.versions import resolve_model
+from server.settings import REPO_ROOT, ModelSettings, load_settings
+from server.storage.db import Database
+from server.storage.migrate import current_revision, head_revision, upgrade
+from tests.storage_backends import database_url  # noqa: F401 - fixture
+
+
+def test_upgrade_is_idempotent_and_reaches_head(database_url):  # noqa: F811
+    upgrade(database_url)
+    upgrade(database_url)
+    db = Database(database_url)
+    try:
+        assert current_revision(db) == head_revision(database_url)
+        assert "model_versions" in inspect(db.engine).get_table_names()
+    finally:
+        db.dispose()
+
+
+def test_new_bytes_become_next_version_same_bytes_same_version(database_url, tmp_path):  # noqa: F811
+    upgrade(database_url)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"a": 1}')
+    (folder / "weights.safetensors").write_bytes(b"0" * 100)
+    settings = load_settings(data_dir=tmp_path, database_url=database_url, engine="fake")
+    model = ModelSettings(name="tiny", path=folder)
+    db = Database(database_url)
+    try:
+        first = resolve_model(settings, model, db)
+        again = resolve_model(settings, model, db)
+        assert (first.version, first.digest) == ("v1", again.digest) and again.version == "v1"
+        (folder / "config.json").write_text('{"a": 2}')
+        second = resolve_model(settings, model, db)
+        assert second.version == "v2" and second.digest != first.digest
+        with pytest.raises(ValueError, match="immutable"):
+            resolve_model(settings, ModelSettings(name="tiny", path=folder, version="v9"), db)
+    finally:
+        db.dispose()
+
+
+def test_cli_db_upgrade_and_current(tmp_path):
+    env_url = f"sqlite:///{tmp_path / 'cli.db'}"
+    run = [sys.executable, "-m", "server", "db"]
+    env = {"SERVER_DATABASE_URL": env_url, "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([*run, "upgrade"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run([*run, "current"], env=env, capture_output=True, text=True, timeout=120)
+    assert f'"current": "{head_revision(env_url)}"' in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["serve"], ["db"], ["db", "upgrade"], ["models"], ["models", "import-default"], ["models", "list"]]
+)
+def test_every_subcommand_has_help(argv):
+    out = subprocess.run([sys.executable, "-m", "server", *argv, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "usage:" in out.stdout
+
+
+def test_importing_server_does_not_import_heavy_dependencies():
+    code = (
+        "import sys, server.app, server.cli, server.api.chat.serving; "
+        "print(sorted(m for m in ('vllm', 'torch', 'transformers', 'triton') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_vllm_is_imported_in_exactly_one_module():
+    grep = shutil.which("grep")
+    out = subprocess.run(
+        [grep, "-rlE", r"^\s*(from|import) vllm", "server", "kernels"], capture_output=True, text=True, cwd=REPO_ROOT
+    )
+    assert out.stdout.split() == ["server/engine/vllm_engine.py"]
