@@ -44,6 +44,10 @@ _SIGNING_KEY_CHECK_SECONDS = 300
 
 
 def resolve_configured_models(settings: Settings, db: Database) -> list[ModelInfo]:
+    if settings.engine == "fake":
+        from server.engine.fake import fake_model_info
+
+        return [fake_model_info(m.name, m.pool, m.max_model_len) for m in settings.models]
     from server.registry.versions import resolve_model
 
     return [resolve_model(settings, model, db) for model in settings.models]

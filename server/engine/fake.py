@@ -45,6 +45,17 @@ class ByteTokenizer:
         return self.encode("\n".join(lines) + "\nassistant:")
 
 
+def fake_model_info(name: str, pool: str, max_model_len: int) -> ModelInfo:
+    """A stand-in model identity for the fake engine (there are no weights to digest)."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256(f"fake:{name}".encode()).hexdigest()
+    return ModelInfo(
+        name=name, version="fake", digest=digest, path=Path("."), max_model_len=max_model_len, pool=pool, created=0
+    )
+
+
 def canned_answer(prompt: str, json_mode: bool) -> str:
     if json_mode:
         return '{"answer": "Paris"}'

@@ -66,13 +66,19 @@ class KeyCreate(StrictModel):
     user_id: str | None = None
 
 
-async def _in_thread(request: Request, work: Callable[[Session, Principal], T]) -> T:
-    """Run a blocking admin operation in one transaction, with the caller resolved."""
+async def _in_thread(request: Request, work: Callable[[Session, Principal], T], *, invalidates: bool = False) -> T:
+    """Run a blocking admin operation in one transaction, with the caller resolved.
+
+    `invalidates`: the change alters what credentials may do, so this replica drops its credential cache
+    as soon as the transaction commits (other replicas follow through the change counter)."""
     principal = principal_of(request)
 
     def run() -> T:
         with request.app.state.db.session() as session:
-            return work(session, principal)
+            result = work(session, principal)
+        if invalidates:
+            request.app.state.authenticator.invalidate()
+        return result
 
     return await asyncio.to_thread(run)
 
@@ -216,7 +222,7 @@ async def set_user_roles(user_id: str, request: Request) -> dict[str, Any]:
         service.set_roles(session, p.actor(client_addr(request)), user, req.roles)
         return service.user_view(session, user)
 
-    return await _in_thread(request, work)
+    return await _in_thread(request, work, invalidates=True)
 
 
 @router.post("/users/{user_id}/disable", dependencies=[requires("users:write")])
@@ -229,7 +235,7 @@ async def disable_user(user_id: str, request: Request) -> dict[str, Any]:
         service.set_disabled(session, p.actor(client_addr(request)), user, True)
         return service.user_view(session, user)
 
-    return await _in_thread(request, work)
+    return await _in_thread(request, work, invalidates=True)
 
 
 # -- roles ----------------------------------------------------------------------------------------------
@@ -367,7 +373,7 @@ async def rotate_api_key(key_id: str, request: Request) -> dict[str, Any]:
         )
         return {**key_view(row), "key": plaintext}
 
-    return await _in_thread(request, work)
+    return await _in_thread(request, work, invalidates=True)
 
 
 @router.post("/keys/{key_id}/revoke", dependencies=[requires("keys:write")])
@@ -386,7 +392,7 @@ async def revoke_api_key(key_id: str, request: Request) -> dict[str, Any]:
         )
         return key_view(row)
 
-    return await _in_thread(request, work)
+    return await _in_thread(request, work, invalidates=True)
 
 
 # -- signing keys ---------------------------------------------------------------------------------------

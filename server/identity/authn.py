@@ -70,11 +70,16 @@ class Authenticator:
         with self._db.session() as session:
             epoch = credentials_epoch(session)
         if epoch != self._epoch:
-            self._keys.clear()
-            self._key_active.clear()
-            self._users.clear()
+            self.invalidate()
             self._epoch = epoch
         self._polled_at = time.monotonic()
+
+    def invalidate(self) -> None:
+        """Drop the caches now (this process just changed credentials; others learn it from the counter)."""
+        self._keys.clear()
+        self._key_active.clear()
+        self._users.clear()
+        self._epoch = None
 
     async def _ensure_fresh(self) -> None:
         if time.monotonic() - self._polled_at <= self._settings.revocation_max_delay_seconds / 2:

@@ -87,12 +87,13 @@ def ensure_default_model(target: Path, *, progress: bool = True) -> Path:
     if is_converted(target):
         return target
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise FileExistsError(f"{target} exists but is not a converted default model (no config.json); "
-                              "move it away or point the models directory elsewhere")
+        raise FileExistsError(
+            f"{target} exists but is not a converted default model (no config.json); "
+            "move it away or point the models directory elsewhere"
+        )
     from tqdm import tqdm
 
-    with tqdm(total=len(STEPS), desc=STEPS[0], unit="step", file=sys.stderr, disable=not progress,
-              leave=True) as bar:
+    with tqdm(total=len(STEPS), desc=STEPS[0], unit="step", file=sys.stderr, disable=not progress, leave=True) as bar:
         gguf = locate_gguf()
         bar.update(1)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -116,8 +117,7 @@ def check_converted(folder: Path) -> None:
     """Refuse a converted folder that lacks the parts we serve or holds anything executable."""
     folder = Path(folder)
     names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-    if "config.json" not in names or not any(n.startswith("model") and n.endswith(".safetensors")
-                                             for n in names):
+    if "config.json" not in names or not any(n.startswith("model") and n.endswith(".safetensors") for n in names):
         raise UnsafeConversion(f"conversion in {folder} produced no config.json or safetensors weights")
     tokenizer_config = _read_json(folder / "tokenizer_config.json")
     if "chat_template.jinja" not in names and "chat_template" not in tokenizer_config:
@@ -141,8 +141,9 @@ def _convert(gguf: Path, out: Path, bar: Any) -> None:
         bar.set_description_str(STEPS[2])
         # float32 then cast: the result is bit-identical to loading in bf16, and transformers only warns
         # (wrongly, for a dequantized model) about slow packed kernels when asked for bf16 directly.
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                     local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
         # save_pretrained refuses a model that still carries the GGUF quantizer; the weights are dense now.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

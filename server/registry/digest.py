@@ -96,8 +96,7 @@ def digest_folder(folder: Path, *, workers: int | None = None, ignore: Iterable[
             raise UnsafeModelFolder(f"model folder {folder} holds no files to hash")
         # Largest first keeps the pool busy to the end when one big weights file dominates.
         found.sort(key=lambda item: item[1], reverse=True)
-        with ThreadPoolExecutor(max_workers=min(workers, len(found)),
-                                thread_name_prefix="digest") as pool:
+        with ThreadPoolExecutor(max_workers=min(workers, len(found)), thread_name_prefix="digest") as pool:
             futures = [pool.submit(_hash_file, root_fd, folder, parts) for parts, _ in found]
             try:
                 hashed = [future.result() for future in futures]
@@ -109,8 +108,7 @@ def digest_folder(folder: Path, *, workers: int | None = None, ignore: Iterable[
         os.close(root_fd)
     hashed.sort(key=lambda item: item[0])
     root = hashlib.sha256(b"".join(raw for _, raw, _ in hashed)).hexdigest()
-    files = tuple(FileDigest(path="/".join(parts), size=size, sha256=raw.hex())
-                  for parts, raw, size in hashed)
+    files = tuple(FileDigest(path="/".join(parts), size=size, sha256=raw.hex()) for parts, raw, size in hashed)
     return ModelDigest(root=root, files=files)
 
 
@@ -122,8 +120,7 @@ def _ignore_parts(ignore: Iterable[str]) -> tuple[_Parts, ...]:
     for entry in ignore:
         path = PurePosixPath(entry)
         if path.is_absolute() or ".." in path.parts or not path.parts:
-            raise UnsafeModelFolder(f"ignore path {entry!r} must be relative to the model folder, "
-                                    "without '..'")
+            raise UnsafeModelFolder(f"ignore path {entry!r} must be relative to the model folder, without '..'")
         result.append(path.parts)
     return tuple(result)
 
@@ -132,8 +129,9 @@ def _is_ignored(parts: _Parts, ignored: tuple[_Parts, ...]) -> bool:
     return any(parts[: len(prefix)] == prefix for prefix in ignored)
 
 
-def _walk(dir_fd: int, folder: Path, prefix: _Parts, ignored: tuple[_Parts, ...],
-          found: list[tuple[_Parts, int]]) -> None:
+def _walk(
+    dir_fd: int, folder: Path, prefix: _Parts, ignored: tuple[_Parts, ...], found: list[tuple[_Parts, int]]
+) -> None:
     """Collect (parts, size) of regular files below ``dir_fd``; refuse anything else."""
     with os.scandir(dir_fd) as entries:
         listed = list(entries)
@@ -147,8 +145,10 @@ def _walk(dir_fd: int, folder: Path, prefix: _Parts, ignored: tuple[_Parts, ...]
         except UnicodeEncodeError:
             raise UnsafeModelFolder(f"{shown!s} has a name that is not valid UTF-8") from None
         if entry.is_symlink():
-            raise UnsafeModelFolder(f"{shown} is a symlink; model folders must hold real files "
-                                    "(copy with `cp -rL`, or download with --local-dir)")
+            raise UnsafeModelFolder(
+                f"{shown} is a symlink; model folders must hold real files "
+                "(copy with `cp -rL`, or download with --local-dir)"
+            )
         if entry.is_dir(follow_symlinks=False):
             child_fd = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
             try:
@@ -172,8 +172,9 @@ def _open_beneath(root_fd: int, folder: Path, parts: _Parts) -> int:
             dir_fd = next_fd
         return os.open(parts[-1], _FILE_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
-        raise UnsafeModelFolder(f"cannot open {folder.joinpath(*parts)} safely (changed during the walk?): "
-                                f"{exc.strerror}") from exc
+        raise UnsafeModelFolder(
+            f"cannot open {folder.joinpath(*parts)} safely (changed during the walk?): {exc.strerror}"
+        ) from exc
     finally:
         if dir_fd != root_fd:
             os.close(dir_fd)

@@ -26,12 +26,33 @@ class LiveServer:
     process: subprocess.Popen
     log_path: Path
     data_dir: Path
+    config: Path
+    key: str = ""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def cli(self, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "server", "--config", str(self.config), *argv],
+            cwd=REPO,
+            env=server_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def create_key(self, scopes: str) -> str:
+        out = self.cli("keys", "create", "--scopes", scopes, "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["key"]
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
     def metric(self, name: str, **labels: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        text = httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=10).text
         for line in text.splitlines():
             named = line.startswith(name + "{") or line.startswith(name + " ")
             if named and all(f'{k}="{v}"' in line for k, v in labels.items()):
@@ -95,7 +116,9 @@ max_model_len = 2048
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    server = LiveServer(url=f"http://127.0.0.1:{port}", process=proc, log_path=log_path, data_dir=data_dir)
+    server = LiveServer(
+        url=f"http://127.0.0.1:{port}", process=proc, log_path=log_path, data_dir=data_dir, config=config
+    )
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -103,6 +126,7 @@ max_model_len = 2048
         try:
             resp = httpx.get(f"{server.url}/readyz", timeout=5)
             if resp.status_code == 200:
+                server.key = server.create_key("inference,metrics:read")
                 return server
             if resp.json().get("status") == "failed":
                 stop_server(server)
@@ -129,14 +153,12 @@ def stop_server(server: LiveServer) -> int:
 def live_server(tmp_path_factory, default_model_dir) -> LiveServer:
     server = start_server(tmp_path_factory.mktemp("e2e"), default_model_dir)
     yield server
-    stop_server(server)
+    assert stop_server(server) == 0, f"unclean shutdown:\n{server.log_tail()}"
 
 
 @pytest.fixture(scope="session")
 def client(live_server):
     from openai import OpenAI
 
-    with OpenAI(
-        base_url=f"{live_server.url}/v1", api_key="unused-until-identity-lands", max_retries=0, timeout=120
-    ) as c:
+    with OpenAI(base_url=f"{live_server.url}/v1", api_key=live_server.key, max_retries=0, timeout=120) as c:
         yield c

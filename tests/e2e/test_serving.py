@@ -50,7 +50,7 @@ def test_completion_and_models(client, live_server):
     assert resp.system_fingerprint.startswith(MODEL + "@")
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
-    card = httpx.get(f"{live_server.url}/v1/models/{MODEL}").json()
+    card = httpx.get(f"{live_server.url}/v1/models/{MODEL}", headers=live_server.headers).json()
     assert card["digest"].startswith("sha256:") and card["version"]
 
 
@@ -137,7 +137,7 @@ def test_malformed_requests_are_clear_4xx(client, kwargs, status, param):
 
 def test_raw_malformed_bodies(live_server):
     url = f"{live_server.url}/v1/chat/completions"
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json", **live_server.headers}
     cases = [
         (b'{"model": "\xff", "messages": []}', 400),
         (b"{", 400),
@@ -162,7 +162,8 @@ def test_client_disconnect_mid_stream_aborts_engine_request(live_server, client)
         "seed": 1,
         "messages": [{"role": "user", "content": "Write a very long story about a dragon and a knight."}],
     }
-    with httpx.stream("POST", f"{live_server.url}/v1/chat/completions", json=body, timeout=60) as resp:
+    url = f"{live_server.url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=live_server.headers, timeout=60) as resp:
         assert resp.status_code == 200
         lines = resp.iter_lines()
         received = [next(lines) for _ in range(8)]
@@ -202,7 +203,32 @@ def test_concurrent_requests_all_succeed(client):
 
 
 def test_metrics_count_tokens_and_requests(live_server):
-    text = httpx.get(f"{live_server.url}/metrics").text
+    text = httpx.get(f"{live_server.url}/metrics", headers=live_server.headers).text
     assert f'server_completion_tokens_total{{model="{MODEL}"}}' in text
     assert 'server_requests_total{method="POST",route="/v1/chat/completions",status="200"}' in text
     assert 'route="/v1/chat/completions",status="400"' in text
+
+
+def test_requests_without_a_valid_key_are_refused(live_server):
+    from openai import AuthenticationError, OpenAI
+
+    with OpenAI(base_url=f"{live_server.url}/v1", api_key="sk-notarealkey0-" + "x" * 43, max_retries=0) as bad:
+        with pytest.raises(AuthenticationError):
+            bad.chat.completions.create(model=MODEL, messages=QUESTION)
+    assert httpx.get(f"{live_server.url}/metrics").status_code == 401
+    assert httpx.get(f"{live_server.url}/healthz").status_code == 200
+
+
+def test_key_without_inference_scope_is_403_and_allowlist_enforced(live_server):
+    from openai import OpenAI, PermissionDeniedError
+
+    key = live_server.create_key("watermark:detect")
+    with OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0) as c:
+        with pytest.raises(PermissionDeniedError):
+            c.chat.completions.create(model=MODEL, messages=QUESTION)
+    out = live_server.cli("keys", "create", "--scopes", "inference", "--models", "some-other-model", "--json")
+    limited = json.loads(out.stdout)["key"]
+    with OpenAI(base_url=f"{live_server.url}/v1", api_key=limited, max_retries=0) as c:
+        assert c.models.list().data == []
+        with pytest.raises(PermissionDeniedError):
+            c.chat.completions.create(model=MODEL, messages=QUESTION)

