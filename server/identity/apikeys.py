@@ -26,11 +26,15 @@ _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 CREDENTIALS = "credentials"
 
 
+def _secret() -> str:
+    """256 random bits, base64url without padding (43 characters, may contain '-' and '_')."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+
+
 def new_key() -> tuple[str, str]:
     """A fresh (key id, plaintext key)."""
     key_id = "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
-    secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
-    return key_id, f"sk-{key_id}-{secret}"
+    return key_id, f"sk-{key_id}-{_secret()}"
 
 
 def parse_key(value: str) -> str | None:
@@ -158,8 +162,7 @@ def create_key(
 
 def rotate_key(session: Session, mac_of: Any, row: ApiKey, overlap_seconds: int) -> str:
     """A new secret for the same key id; the old one keeps working for the overlap window, then dies."""
-    _, plaintext = new_key()
-    plaintext = f"sk-{row.id}-{plaintext.rsplit('-', 1)[1]}"
+    plaintext = f"sk-{row.id}-{_secret()}"
     row.prev_secret_hmac = row.secret_hmac if overlap_seconds > 0 else None
     row.prev_expires_at = datetime.now(UTC) + timedelta(seconds=overlap_seconds) if overlap_seconds > 0 else None
     row.secret_hmac = mac_of(plaintext)

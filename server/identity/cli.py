@@ -72,7 +72,7 @@ def bootstrap(settings: Settings, args: argparse.Namespace) -> int:
             enrolment = session.get(TotpEnrolment, owner.id)
             enrolment.confirmed_at = datetime.now(UTC)
             codes = totp.regenerate_recovery_codes(session, owner.id)
-            operator = service.operator_account(session)
+            operator = service.operator_account(session, org.id)
             record(session, actor, "bootstrap", "success", target_type="user", target_id=owner.id, org_id=org.id)
             out = {
                 "org_id": org.id,

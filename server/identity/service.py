@@ -165,19 +165,20 @@ def create_role(
     return role
 
 
-def operator_account(session: Session) -> User:
-    """The installation's operator service account (CLI keys belong to it), created on first use."""
+def operator_account(session: Session, org_id: str | None = None) -> User:
+    """The installation's operator service account (CLI keys belong to it), created on first use in `org_id`,
+    else in the organization named "default" (created if missing)."""
     user = session.scalar(select(User).where(User.email == OPERATOR_EMAIL))
     if user is not None:
         return user
     ensure_builtin_roles(session)
-    org = session.scalar(select(Organization).order_by(Organization.created_at)) or create_org(
-        session, Actor.system(), "default"
-    )
+    if org_id is None:
+        org = session.scalar(select(Organization).where(Organization.name == "default"))
+        org_id = (org or create_org(session, Actor.system(), "default")).id
     return create_user(
         session,
         Actor.system(),
-        org_id=org.id,
+        org_id=org_id,
         email=OPERATOR_EMAIL,
         roles=["admin"],
         display_name="operator service account",

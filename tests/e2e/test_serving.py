@@ -212,9 +212,12 @@ def test_metrics_count_tokens_and_requests(live_server):
 def test_requests_without_a_valid_key_are_refused(live_server):
     from openai import AuthenticationError, OpenAI
 
-    with OpenAI(base_url=f"{live_server.url}/v1", api_key="sk-notarealkey0-" + "x" * 43, max_retries=0) as bad:
-        with pytest.raises(AuthenticationError):
-            bad.chat.completions.create(model=MODEL, messages=QUESTION)
+    fake_key = "sk-notarealkey0-" + "x" * 43
+    with (
+        OpenAI(base_url=f"{live_server.url}/v1", api_key=fake_key, max_retries=0) as bad,
+        pytest.raises(AuthenticationError),
+    ):
+        bad.chat.completions.create(model=MODEL, messages=QUESTION)
     assert httpx.get(f"{live_server.url}/metrics").status_code == 401
     assert httpx.get(f"{live_server.url}/healthz").status_code == 200
 
@@ -223,9 +226,11 @@ def test_key_without_inference_scope_is_403_and_allowlist_enforced(live_server):
     from openai import OpenAI, PermissionDeniedError
 
     key = live_server.create_key("watermark:detect")
-    with OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0) as c:
-        with pytest.raises(PermissionDeniedError):
-            c.chat.completions.create(model=MODEL, messages=QUESTION)
+    with (
+        OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0) as c,
+        pytest.raises(PermissionDeniedError),
+    ):
+        c.chat.completions.create(model=MODEL, messages=QUESTION)
     out = live_server.cli("keys", "create", "--scopes", "inference", "--models", "some-other-model", "--json")
     limited = json.loads(out.stdout)["key"]
     with OpenAI(base_url=f"{live_server.url}/v1", api_key=limited, max_retries=0) as c:
