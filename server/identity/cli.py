@@ -7,6 +7,8 @@ import argparse
 import json
 import secrets
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -30,12 +32,17 @@ class CliError(Exception):
     """A refusal with a message for the operator; exits with status 1."""
 
 
-def _open(settings: Settings) -> tuple[Database, Keyring]:
+@contextmanager
+def _open(settings: Settings) -> Iterator[tuple[Database, Keyring]]:
+    """The migrated database (with built-in roles) and the keyring, disposed of afterwards."""
     upgrade(settings.sqlalchemy_url)
     db = Database(settings.sqlalchemy_url)
-    with db.session() as session:
-        service.ensure_builtin_roles(session)
-    return db, Keyring(load_master_secret(settings))
+    try:
+        with db.session() as session:
+            service.ensure_builtin_roles(session)
+        yield db, Keyring(load_master_secret(settings))
+    finally:
+        db.dispose()
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -43,8 +50,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def bootstrap(settings: Settings, args: argparse.Namespace) -> int:
-    db, keyring = _open(settings)
-    try:
+    with _open(settings) as (db, keyring):
         with db.session() as session:
             owner_role = session.scalar(select(Role).where(Role.name == "owner", Role.org_id.is_(None)))
             has_owner = (
@@ -84,8 +90,6 @@ def bootstrap(settings: Settings, args: argparse.Namespace) -> int:
                 "operator_service_account": operator.id,
             }
         TokenService(db, keyring, settings.auth).ensure_signing_key()
-    finally:
-        db.dispose()
     _emit(
         args,
         out,
@@ -102,25 +106,21 @@ def bootstrap(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def users_create(settings: Settings, args: argparse.Namespace) -> int:
-    db, _ = _open(settings)
-    try:
-        with db.session() as session:
-            org_id = args.org or service.operator_account(session).org_id
-            org = session.get(Organization, org_id)
-            if org is None:
-                raise CliError(f"organization {args.org!r} does not exist")
-            password = secrets.token_urlsafe(18) if args.password else None
-            user = service.create_user(
-                session,
-                Actor.system(),
-                org_id=org.id,
-                email=args.email,
-                roles=args.roles.split(","),
-                password_hash=PasswordHasher().hash(password) if password else None,
-            )
-            out = {**service.user_view(session, user), **({"password": password} if password else {})}
-    finally:
-        db.dispose()
+    with _open(settings) as (db, _), db.session() as session:
+        org_id = args.org or service.operator_account(session).org_id
+        org = session.get(Organization, org_id)
+        if org is None:
+            raise CliError(f"organization {args.org!r} does not exist")
+        password = secrets.token_urlsafe(18) if args.password else None
+        user = service.create_user(
+            session,
+            Actor.system(),
+            org_id=org.id,
+            email=args.email,
+            roles=args.roles.split(","),
+            password_hash=PasswordHasher().hash(password) if password else None,
+        )
+        out = {**service.user_view(session, user), **({"password": password} if password else {})}
     _emit(
         args,
         out,
@@ -131,12 +131,8 @@ def users_create(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def users_list(settings: Settings, args: argparse.Namespace) -> int:
-    db, _ = _open(settings)
-    try:
-        with db.session() as session:
-            rows = [service.user_view(session, u) for u in session.scalars(select(User).order_by(User.created_at))]
-    finally:
-        db.dispose()
+    with _open(settings) as (db, _), db.session() as session:
+        rows = [service.user_view(session, u) for u in session.scalars(select(User).order_by(User.created_at))]
     _emit(
         args,
         rows,
@@ -149,52 +145,44 @@ def users_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def keys_create(settings: Settings, args: argparse.Namespace) -> int:
-    db, keyring = _open(settings)
-    try:
-        with db.session() as session:
-            user = session.get(User, args.user) if args.user else service.operator_account(session)
-            if user is None:
-                raise CliError(f"user {args.user!r} does not exist")
-            expires = datetime.now(UTC) + timedelta(days=args.expires_days) if args.expires_days else None
-            try:
-                row, plaintext = create_key(
-                    session,
-                    keyring.mac,
-                    org_id=user.org_id,
-                    user_id=user.id,
-                    name=args.name,
-                    scopes=args.scopes.split(","),
-                    models=args.models.split(",") if args.models else None,
-                    expires_at=expires,
-                    created_by="cli",
-                )
-            except UnknownScope as exc:
-                raise CliError(str(exc)) from None
-            record(
+    with _open(settings) as (db, keyring), db.session() as session:
+        user = session.get(User, args.user) if args.user else service.operator_account(session)
+        if user is None:
+            raise CliError(f"user {args.user!r} does not exist")
+        expires = datetime.now(UTC) + timedelta(days=args.expires_days) if args.expires_days else None
+        try:
+            row, plaintext = create_key(
                 session,
-                Actor.system(),
-                "keys.create",
-                "success",
-                target_type="api_key",
-                target_id=row.id,
-                org_id=row.org_id,
-                scopes=row.scopes,
+                keyring.mac,
+                org_id=user.org_id,
                 user_id=user.id,
+                name=args.name,
+                scopes=args.scopes.split(","),
+                models=args.models.split(",") if args.models else None,
+                expires_at=expires,
+                created_by="cli",
             )
-            out = {**key_view(row), "key": plaintext}
-    finally:
-        db.dispose()
+        except UnknownScope as exc:
+            raise CliError(str(exc)) from None
+        record(
+            session,
+            Actor.system(),
+            "keys.create",
+            "success",
+            target_type="api_key",
+            target_id=row.id,
+            org_id=row.org_id,
+            scopes=row.scopes,
+            user_id=user.id,
+        )
+        out = {**key_view(row), "key": plaintext}
     _emit(args, out, f"{plaintext}\n(key id {row.id}; shown once: store it now)")
     return 0
 
 
 def keys_list(settings: Settings, args: argparse.Namespace) -> int:
-    db, _ = _open(settings)
-    try:
-        with db.session() as session:
-            rows = [key_view(k) for k in session.scalars(select(ApiKey).order_by(ApiKey.created_at))]
-    finally:
-        db.dispose()
+    with _open(settings) as (db, _), db.session() as session:
+        rows = [key_view(k) for k in session.scalars(select(ApiKey).order_by(ApiKey.created_at))]
     _emit(
         args,
         rows,
@@ -207,42 +195,35 @@ def keys_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def keys_change(settings: Settings, args: argparse.Namespace) -> int:
-    db, keyring = _open(settings)
-    try:
-        with db.session() as session:
-            row = session.get(ApiKey, args.key_id)
-            if row is None:
-                raise CliError(f"API key {args.key_id!r} does not exist")
-            out: dict[str, Any]
-            if args.keys_command == "revoke":
-                revoke_key(session, row)
-                out = key_view(row)
-            else:
-                plaintext = rotate_key(session, keyring.mac, row, settings.auth.key_rotation_overlap_seconds)
-                out = {**key_view(row), "key": plaintext}
-            record(
-                session,
-                Actor.system(),
-                f"keys.{args.keys_command}",
-                "success",
-                target_type="api_key",
-                target_id=row.id,
-                org_id=row.org_id,
-            )
-    finally:
-        db.dispose()
+    with _open(settings) as (db, keyring), db.session() as session:
+        row = session.get(ApiKey, args.key_id)
+        if row is None:
+            raise CliError(f"API key {args.key_id!r} does not exist")
+        out: dict[str, Any]
+        if args.keys_command == "revoke":
+            revoke_key(session, row)
+            out = key_view(row)
+        else:
+            plaintext = rotate_key(session, keyring.mac, row, settings.auth.key_rotation_overlap_seconds)
+            out = {**key_view(row), "key": plaintext}
+        record(
+            session,
+            Actor.system(),
+            f"keys.{args.keys_command}",
+            "success",
+            target_type="api_key",
+            target_id=row.id,
+            org_id=row.org_id,
+        )
     _emit(args, out, out.get("key") or f"{args.key_id} revoked")
     return 0
 
 
 def signing_key_rotate(settings: Settings, args: argparse.Namespace) -> int:
-    db, keyring = _open(settings)
-    try:
+    with _open(settings) as (db, keyring):
         kid = TokenService(db, keyring, settings.auth).rotate()
         with db.session() as session:
             record(session, Actor.system(), "signing_keys.rotate", "success", target_type="signing_key", target_id=kid)
-    finally:
-        db.dispose()
     _emit(args, {"kid": kid}, f"new signing key {kid}")
     return 0
 

@@ -21,31 +21,19 @@ from server.api.chat.protocol import (
     ToolMessage,
 )
 from server.api.generation import final_output
+from server.api.inference import InferenceService
 from server.api.protocol import dump, parse_request
 from server.api.responses import ResponseMeta, chat_logprobs, finish_reason, usage
 from server.api.sampling import build_options
 from server.api.streaming import DONE, EventStreamResponse, cancel_on_disconnect, sse
-from server.engine.hub import EngineHub
 from server.engine.types import Engine, GenerationRequest, StructuredOutput
-from server.errors import InvalidRequest, PermissionDenied, ServerError
-from server.identity.authn import principal_of
-from server.observability.metrics import Metrics
-from server.settings import LimitSettings
+from server.errors import InvalidRequest, ServerError
 
 
-class ChatService:
-    def __init__(self, hub: EngineHub, limits: LimitSettings, metrics: Metrics) -> None:
-        self.hub = hub
-        self.limits = limits
-        self.metrics = metrics
-
+class ChatService(InferenceService):
     async def create(self, request: Request) -> Response:
         req = parse_request(ChatCompletionRequest, await read_body(request, self.limits.max_body_bytes))
-        if not principal_of(request).may_use_model(req.model):
-            raise PermissionDenied(
-                f"This API key may not use the model {req.model!r}.", param="model", code="model_not_allowed"
-            )
-        engine = self.hub.get(req.model)
+        engine = self.engine_for(request, req.model)
         self._check_messages(req)
         tooling.validate_tools(req, self.limits.max_tools)
         tools_on = bool(req.tools) and req.tool_choice != "none"

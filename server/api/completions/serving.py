@@ -13,34 +13,22 @@ from starlette.responses import JSONResponse, Response
 from server.api.body import read_body
 from server.api.completions.protocol import CompletionRequest
 from server.api.generation import final_output, merged_outputs
+from server.api.inference import InferenceService
 from server.api.protocol import parse_request
 from server.api.responses import ResponseMeta, completion_logprobs, finish_reason, usage
 from server.api.sampling import build_options
 from server.api.streaming import DONE, EventStreamResponse, cancel_on_disconnect, sse
-from server.engine.hub import EngineHub
 from server.engine.types import Engine, GenerationRequest
-from server.errors import InvalidRequest, PermissionDenied, ServerError
-from server.identity.authn import principal_of
-from server.observability.metrics import Metrics
-from server.settings import LimitSettings
+from server.errors import InvalidRequest, ServerError
 
 # OpenAI's default for the legacy completions endpoint.
 DEFAULT_MAX_TOKENS = 16
 
 
-class CompletionService:
-    def __init__(self, hub: EngineHub, limits: LimitSettings, metrics: Metrics) -> None:
-        self.hub = hub
-        self.limits = limits
-        self.metrics = metrics
-
+class CompletionService(InferenceService):
     async def create(self, request: Request) -> Response:
         req = parse_request(CompletionRequest, await read_body(request, self.limits.max_body_bytes))
-        if not principal_of(request).may_use_model(req.model):
-            raise PermissionDenied(
-                f"This API key may not use the model {req.model!r}.", param="model", code="model_not_allowed"
-            )
-        engine = self.hub.get(req.model)
+        engine = self.engine_for(request, req.model)
         prompts = self._prompts(engine, req)
         meta = ResponseMeta.new("cmpl", engine.info)
         gens = []
