@@ -21,6 +21,7 @@ from server.api.models_router import router as models_router
 from server.audit.routes import router as audit_router
 from server.audit.sink import AuditSink
 from server.engine.hub import EngineFactory, EngineHub, default_engine_factory
+from server.engine.pool_control import PoolControl
 from server.engine.types import ModelInfo
 from server.identity.admin_routes import router as admin_router
 from server.identity.auth_routes import router as auth_router
@@ -34,6 +35,12 @@ from server.identity.service import ensure_builtin_roles
 from server.identity.tokens import TokenService
 from server.identity.totp import TotpService
 from server.observability.metrics import Metrics, MetricsMiddleware
+from server.policy.admission import Admitter
+from server.policy.gatekeeper import Gatekeeper
+from server.policy.pool_gate import PoolGate
+from server.policy.risk import RiskSignals
+from server.policy.routes import router as policy_router
+from server.policy.store import make_store
 from server.settings import Settings
 from server.storage.db import Database
 
@@ -85,6 +92,17 @@ class Identity:
         self.authenticator.poll()
 
 
+def build_gatekeeper(settings: Settings, db: Database, audit: AuditSink) -> Gatekeeper:
+    """Admission: the limit store chosen by URL, one fair gate per pool, risk signals."""
+    adm = settings.admission
+    store = make_store(adm.store_url, lease_seconds=adm.lease_seconds)
+    gates = {
+        p.name: PoolGate(p.name, p.max_concurrency, p.per_key_concurrency, p.queue_length, p.queue_timeout_seconds)
+        for p in settings.pools
+    }
+    return Gatekeeper(Admitter(store, gates), adm, RiskSignals(db, adm), audit, db)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -100,6 +118,8 @@ def create_app(
     metrics.watch_engines(lambda: hub.engines)
     audit_sink = AuditSink(db)
     identity = Identity.build(settings, db, audit_sink, password_hasher)
+    gatekeeper = build_gatekeeper(settings, db, audit_sink)
+    pool_control = PoolControl(db, [p.name for p in settings.pools], gatekeeper.apply_pool_state)
     factory = engine_factory or default_engine_factory(settings)
     resolve = resolver or resolve_configured_models
 
@@ -128,8 +148,13 @@ def create_app(
 
             await asyncio.to_thread(upgrade, settings.sqlalchemy_url)
         await asyncio.to_thread(identity.prepare, db)
+        await asyncio.to_thread(pool_control.refresh)
+        await asyncio.to_thread(gatekeeper.refresh)
         identity.authenticator.start()
         audit_sink.start()
+        gatekeeper.start()
+        gatekeeper.risk.start()
+        pool_control.start()
         tasks = [asyncio.create_task(boot_engines()), asyncio.create_task(rotate_signing_keys())]
         app.state.boot = tasks[0]
         try:
@@ -139,6 +164,9 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await hub.stop()
+            await pool_control.stop()
+            await gatekeeper.risk.stop()
+            await gatekeeper.stop()
             await identity.authenticator.stop()
             await audit_sink.stop()
             db.dispose()
@@ -150,8 +178,9 @@ def create_app(
     state.settings, state.db, state.hub, state.metrics, state.audit_sink = settings, db, hub, metrics, audit_sink
     state.keyring, state.hasher, state.tokens = identity.keyring, identity.hasher, identity.tokens
     state.totp, state.login, state.authenticator = identity.totp, identity.login, identity.authenticator
-    state.chat = ChatService(hub, settings.limits, metrics)
-    state.completions = CompletionService(hub, settings.limits, metrics)
+    state.gatekeeper, state.pool_control = gatekeeper, pool_control
+    state.chat = ChatService(hub, settings.limits, metrics, gatekeeper)
+    state.completions = CompletionService(hub, settings.limits, metrics, gatekeeper)
     for router in (
         health_router,
         metrics_router(settings.auth.metrics_public),
@@ -161,6 +190,7 @@ def create_app(
         auth_router,
         admin_router,
         audit_router,
+        policy_router,
     ):
         app.include_router(router)
     check_route_declarations(app)

@@ -32,6 +32,11 @@ class PoolSettings(BaseModel):
     device: Literal["cpu", "cuda"] = "cpu"
     devices: list[int] = Field(default_factory=list)
     max_concurrency: int = Field(default=64, ge=1)
+    # Admission: one key never holds more than this many of the pool's slots; waiters queue fairly across
+    # keys up to queue_length, for at most queue_timeout_seconds.
+    per_key_concurrency: int = Field(default=16, ge=1)
+    queue_length: int = Field(default=256, ge=0)
+    queue_timeout_seconds: float = Field(default=30.0, gt=0)
     # Engine sizing.
     kv_cache_gib: float = Field(default=2.0, gt=0)
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
@@ -99,6 +104,25 @@ class AuthSettings(BaseModel):
     metrics_public: bool = False
 
 
+class AdmissionSettings(BaseModel):
+    """Rate limits and quotas (see server/policy)."""
+
+    model_config = {"extra": "forbid"}
+
+    # memory:// (one process) or redis://host:port/db (shared by replicas).
+    store_url: str = "memory://"
+    # Key ids allowed through (unlimited) while the limit store is unreachable; everyone else gets 503.
+    fail_open_keys: list[str] = Field(default_factory=list)
+    # Adaptive limits: keys younger than this, or whose owner/address failed to log in recently, get their
+    # limits scaled by the factors; a risk score in [0, 1] per key scales them by (1 - score).
+    new_key_age_seconds: int = Field(default=3600, ge=0)
+    new_key_factor: float = Field(default=0.5, gt=0, le=1)
+    auth_failure_window_seconds: int = Field(default=900, ge=0)
+    auth_failure_factor: float = Field(default=0.5, gt=0, le=1)
+    # A slot that is never settled (crashed replica) is reclaimed after this long.
+    lease_seconds: int = Field(default=600, ge=10)
+
+
 class Settings(BaseSettings):
     """Every knob of one server process."""
 
@@ -115,12 +139,15 @@ class Settings(BaseSettings):
     database_url: str | None = None
     # "vllm" runs the real engine; "fake" is the deterministic in-process engine for fast tests.
     engine: Literal["vllm", "fake"] = "vllm"
+    # Seconds between tokens of the fake engine (load tests of the layers above the engine).
+    fake_token_delay_seconds: float = Field(default=0.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     pools: list[PoolSettings] = Field(default_factory=lambda: [PoolSettings()])
     models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings()])
     limits: LimitSettings = Field(default_factory=LimitSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -1,22 +1,44 @@
-"""What the completion endpoints share: the engine lookup behind the caller's model allowlist."""
+"""What the completion endpoints share: the engine lookup behind the caller's model allowlist, and the
+admission bracket around generation (reserve before the engine sees anything, settle exactly once after)."""
 
 from __future__ import annotations
 
-from starlette.requests import Request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from server.api.responses import ResponseMeta
+from server.api.streaming import ClientGone, EventStreamResponse, cancel_on_disconnect
 from server.engine.hub import EngineHub
 from server.engine.types import Engine
 from server.errors import PermissionDenied
-from server.identity.authn import principal_of
+from server.identity.authn import client_addr, principal_of
 from server.observability.metrics import Metrics
+from server.policy.gatekeeper import Gatekeeper
 from server.settings import LimitSettings
 
 
+@dataclass
+class Tally:
+    """Tokens a response actually used, updated as generation proceeds (what admission settles to)."""
+
+    prompt: int = 0
+    completion: int = 0
+
+    @property
+    def used(self) -> int:
+        return self.prompt + self.completion
+
+
 class InferenceService:
-    def __init__(self, hub: EngineHub, limits: LimitSettings, metrics: Metrics) -> None:
+    def __init__(self, hub: EngineHub, limits: LimitSettings, metrics: Metrics, gatekeeper: Gatekeeper) -> None:
         self.hub = hub
         self.limits = limits
         self.metrics = metrics
+        self.gatekeeper = gatekeeper
 
     def engine_for(self, request: Request, model: str) -> Engine:
         """The model's engine, if the caller's credential may use that model (403 before 404: an allowlisted
@@ -26,3 +48,42 @@ class InferenceService:
                 f"This API key may not use the model {model!r}.", param="model", code="model_not_allowed"
             )
         return self.hub.get(model)
+
+    async def answer(
+        self,
+        request: Request,
+        engine: Engine,
+        meta: ResponseMeta,
+        *,
+        reserve: int,
+        stream: Callable[[Tally], AsyncIterator[bytes]] | None = None,
+        complete: Callable[[Tally], Awaitable[dict[str, Any]]] | None = None,
+    ) -> Response:
+        """Admit (`reserve` = prompt + n × max_tokens), generate, and settle to what was used.
+
+        Streaming: settled when the response closes, to the tokens streamed so far (a disconnect settles
+        what was generated). Non-streaming: to the usage on success, to nothing if generation failed, and
+        to the whole reservation if the client left mid-generation (the engine's work is unknown).
+        """
+        admission = await self.gatekeeper.admit(
+            principal_of(request),
+            pool=engine.info.pool,
+            request_id=meta.id,
+            tokens=reserve,
+            client_addr=client_addr(request),
+        )
+        headers = {**meta.headers(), **admission.headers}
+        tally = Tally()
+        if stream is not None:
+            return EventStreamResponse(stream(tally), headers=headers, on_close=lambda: admission.finish(tally.used))
+        assert complete is not None
+        try:
+            body = await cancel_on_disconnect(request, complete(tally))
+        except ClientGone:
+            await admission.finish(None)
+            raise
+        except BaseException:
+            await admission.finish(tally.used)
+            raise
+        await admission.finish(tally.used)
+        return JSONResponse(body, headers=headers)

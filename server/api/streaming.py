@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import anyio
@@ -32,9 +32,15 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes], headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        headers: Mapping[str, str] | None = None,
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         all_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
         super().__init__(content, headers=all_headers, media_type=self.media_type)
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         iterator = self.body_iterator
@@ -50,9 +56,12 @@ class EventStreamResponse(StreamingResponse):
                 await _wait_for_disconnect(receive)
                 group.cancel_scope.cancel()
         finally:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            with anyio.CancelScope(shield=True):  # runs even when the request task is being cancelled
+                aclose = getattr(iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                if self._on_close is not None:
+                    await self._on_close()
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

@@ -20,7 +20,7 @@ def default_engine_factory(settings: Settings) -> EngineFactory:
     if settings.engine == "fake":
         from server.engine.fake import FakeEngine
 
-        return lambda info: FakeEngine(info)
+        return lambda info: FakeEngine(info, token_delay=settings.fake_token_delay_seconds)
 
     def build(info: ModelInfo) -> Engine:
         from server.engine.vllm_engine import VllmEngine

@@ -93,6 +93,7 @@ class KeyRecord:
     expires_at: datetime | None  # of the key, or of the previous secret during a rotation overlap
     created_at: datetime
     active: bool  # not revoked, owner and org enabled
+    email: str | None = None
 
 
 def load_key(session: Session, mac: str) -> KeyRecord | None:
@@ -125,6 +126,7 @@ def load_key(session: Session, mac: str) -> KeyRecord | None:
         expires_at=expiry,
         created_at=aware(row.created_at) or datetime.now(UTC),
         active=active,
+        email=user.email if user is not None else None,
     )
 
 

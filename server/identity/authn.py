@@ -45,6 +45,7 @@ class UserRecord:
     roles: tuple[str, ...]
     permissions: frozenset[str]
     active: bool
+    email: str | None = None
 
 
 class Authenticator:
@@ -162,6 +163,7 @@ class Authenticator:
             models=record.models,
             limits=record.limits,
             key_created_at=record.created_at.timestamp(),
+            email=record.email,
         )
 
     def _load_key(self, mac: str) -> KeyRecord | None:
@@ -217,6 +219,7 @@ class Authenticator:
             amr=tuple(claims.amr),
             auth_time=claims.auth_time,
             api_key_id=claims.key_id,
+            email=user.email,
         )
 
     def _load_user(self, user_id: str) -> UserRecord | None:
@@ -232,6 +235,7 @@ class Authenticator:
                 roles=roles,
                 permissions=perms,
                 active=not user.disabled and org is not None and not org.disabled,
+                email=user.email,
             )
         if epoch == self._epoch:
             self._users[user_id] = record

@@ -24,6 +24,7 @@ class Principal:
     models: tuple[str, ...] | None = None  # None: every model
     limits: dict[str, Any] = field(default_factory=dict)
     key_created_at: float | None = None
+    email: str | None = None
 
     @property
     def is_owner(self) -> bool:

@@ -28,7 +28,10 @@ class Base(DeclarativeBase):
 def all_tables() -> MetaData:
     """The metadata with every domain's tables registered (what Alembic compares against)."""
     import server.audit.models  # noqa: F401
+    import server.engine.models  # noqa: F401
     import server.identity.models  # noqa: F401
+    import server.policy.models  # noqa: F401
     import server.registry.models  # noqa: F401
+    import server.watermark.models  # noqa: F401
 
     return Base.metadata

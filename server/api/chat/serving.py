@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from server.api.body import read_body
 from server.api.chat import tools as tooling
@@ -21,11 +21,11 @@ from server.api.chat.protocol import (
     ToolMessage,
 )
 from server.api.generation import final_output
-from server.api.inference import InferenceService
+from server.api.inference import InferenceService, Tally
 from server.api.protocol import dump, parse_request
 from server.api.responses import ResponseMeta, chat_logprobs, finish_reason, usage
 from server.api.sampling import build_options
-from server.api.streaming import DONE, EventStreamResponse, cancel_on_disconnect, sse
+from server.api.streaming import DONE, sse
 from server.engine.types import Engine, GenerationRequest, StructuredOutput
 from server.errors import InvalidRequest, ServerError
 
@@ -62,13 +62,19 @@ class ChatService(InferenceService):
         )
         meta = ResponseMeta.new("chatcmpl", engine.info)
         gen = GenerationRequest(request_id=meta.id, prompt_token_ids=prompt_ids, options=options)
+        reserve = len(prompt_ids) + options.n * options.max_tokens
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStreamResponse(
-                self._stream(engine, gen, req, meta, include_usage, buffered), headers=meta.headers()
+            return await self.answer(
+                request,
+                engine,
+                meta,
+                reserve=reserve,
+                stream=lambda tally: self._stream(engine, gen, req, meta, include_usage, buffered, tally),
             )
-        body = await cancel_on_disconnect(request, self._complete(engine, gen, req, meta))
-        return JSONResponse(body, headers=meta.headers())
+        return await self.answer(
+            request, engine, meta, reserve=reserve, complete=lambda tally: self._complete(engine, gen, req, meta, tally)
+        )
 
     def _check_messages(self, req: ChatCompletionRequest) -> None:
         if len(req.messages) > self.limits.max_messages:
@@ -102,7 +108,7 @@ class ChatService(InferenceService):
         return None
 
     async def _complete(
-        self, engine: Engine, gen: GenerationRequest, req: ChatCompletionRequest, meta: ResponseMeta
+        self, engine: Engine, gen: GenerationRequest, req: ChatCompletionRequest, meta: ResponseMeta, tally: Tally
     ) -> dict[str, Any]:
         final = await final_output(engine, gen)
         choices = [
@@ -110,6 +116,7 @@ class ChatService(InferenceService):
             for c in sorted(final.choices, key=lambda c: c.index)
         ]
         completion = sum(len(c.token_ids) for c in final.choices)
+        tally.prompt, tally.completion = final.prompt_tokens, completion
         self.metrics.observe_tokens(meta.info.name, final.prompt_tokens, completion)
         return {**meta.base("chat.completion"), "choices": choices, "usage": usage(final.prompt_tokens, completion)}
 
@@ -133,6 +140,7 @@ class ChatService(InferenceService):
         meta: ResponseMeta,
         include_usage: bool,
         buffered: bool,
+        tally: Tally,
     ) -> AsyncIterator[bytes]:
         base = meta.base("chat.completion.chunk")
         if include_usage:
@@ -148,13 +156,12 @@ class ChatService(InferenceService):
                 ],
             }
         )
-        prompt_tokens = completion_tokens = 0
         first = True
         try:
             if buffered:
                 final = await final_output(engine, gen)
-                prompt_tokens = final.prompt_tokens
-                completion_tokens = sum(len(c.token_ids) for c in final.choices)
+                tally.prompt = final.prompt_tokens
+                tally.completion = sum(len(c.token_ids) for c in final.choices)
                 for c in sorted(final.choices, key=lambda c: c.index):
                     choice = self._choice(req, c.index, c.text, c.finish_reason, chat_logprobs(c.logprobs))
                     delta = {k: v for k, v in choice["message"].items() if k in ("content", "tool_calls")}
@@ -178,10 +185,10 @@ class ChatService(InferenceService):
                     if first:
                         self.metrics.ttft.labels(name).observe(time.perf_counter() - started)
                         first = False
-                    prompt_tokens = update.prompt_tokens
+                    tally.prompt = update.prompt_tokens
                     choices = []
                     for c in update.choices:
-                        completion_tokens += len(c.token_ids)
+                        tally.completion += len(c.token_ids)
                         if c.text or c.finish_reason or c.logprobs:
                             choices.append(
                                 {
@@ -199,9 +206,9 @@ class ChatService(InferenceService):
             yield DONE
             return
         finally:
-            self.metrics.observe_tokens(name, prompt_tokens, completion_tokens)
+            self.metrics.observe_tokens(name, tally.prompt, tally.completion)
         if include_usage:
-            yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+            yield sse({**base, "choices": [], "usage": usage(tally.prompt, tally.completion)})
         yield DONE
 
 

@@ -8,16 +8,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from server.api.body import read_body
 from server.api.completions.protocol import CompletionRequest
 from server.api.generation import final_output, merged_outputs
-from server.api.inference import InferenceService
+from server.api.inference import InferenceService, Tally
 from server.api.protocol import parse_request
 from server.api.responses import ResponseMeta, completion_logprobs, finish_reason, usage
 from server.api.sampling import build_options
-from server.api.streaming import DONE, EventStreamResponse, cancel_on_disconnect, sse
+from server.api.streaming import DONE, sse
 from server.engine.types import Engine, GenerationRequest
 from server.errors import InvalidRequest, ServerError
 
@@ -53,13 +53,23 @@ class CompletionService(InferenceService):
             )
             gens.append(GenerationRequest(request_id=f"{meta.id}-{i}", prompt_token_ids=ids, options=options))
         echoes = [engine.tokenizer.decode(ids) if req.echo else "" for ids in prompts]
+        reserve = sum(len(g.prompt_token_ids) + g.options.n * g.options.max_tokens for g in gens)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStreamResponse(
-                self._stream(engine, gens, req, meta, echoes, include_usage), headers=meta.headers()
+            return await self.answer(
+                request,
+                engine,
+                meta,
+                reserve=reserve,
+                stream=lambda tally: self._stream(engine, gens, req, meta, echoes, include_usage, tally),
             )
-        body = await cancel_on_disconnect(request, self._complete(engine, gens, req, meta, echoes))
-        return JSONResponse(body, headers=meta.headers())
+        return await self.answer(
+            request,
+            engine,
+            meta,
+            reserve=reserve,
+            complete=lambda tally: self._complete(engine, gens, req, meta, echoes, tally),
+        )
 
     def _prompts(self, engine: Engine, req: CompletionRequest) -> list[list[int]]:
         prompt = req.prompt
@@ -99,6 +109,7 @@ class CompletionService(InferenceService):
         req: CompletionRequest,
         meta: ResponseMeta,
         echoes: list[str],
+        tally: Tally,
     ) -> dict[str, Any]:
         try:
             async with asyncio.TaskGroup() as group:  # one failure cancels (aborts) the other prompts
@@ -119,6 +130,7 @@ class CompletionService(InferenceService):
                         "finish_reason": finish_reason(c.finish_reason),
                     }
                 )
+        tally.prompt, tally.completion = prompt_tokens, completion_tokens
         self.metrics.observe_tokens(meta.info.name, prompt_tokens, completion_tokens)
         return {**meta.base("text_completion"), "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
@@ -130,13 +142,13 @@ class CompletionService(InferenceService):
         meta: ResponseMeta,
         echoes: list[str],
         include_usage: bool,
+        tally: Tally,
     ) -> AsyncIterator[bytes]:
         base = meta.base("text_completion")
         if include_usage:
             base["usage"] = None
         started, first = time.perf_counter(), True
         prompt_tokens: dict[int, int] = {}
-        completion_tokens = 0
         echoed: set[int] = set()
         try:
             async for p, update in merged_outputs(engine, gens):
@@ -144,10 +156,11 @@ class CompletionService(InferenceService):
                     self.metrics.ttft.labels(meta.info.name).observe(time.perf_counter() - started)
                     first = False
                 prompt_tokens[p] = update.prompt_tokens
+                tally.prompt = sum(prompt_tokens.values())
                 choices = []
                 for c in update.choices:
                     index = p * req.n + c.index
-                    completion_tokens += len(c.token_ids)
+                    tally.completion += len(c.token_ids)
                     prefix = "" if index in echoed else echoes[p]
                     echoed.add(index)
                     if c.text or prefix or c.finish_reason or c.logprobs:
@@ -167,7 +180,7 @@ class CompletionService(InferenceService):
             yield DONE
             return
         finally:
-            self.metrics.observe_tokens(meta.info.name, sum(prompt_tokens.values()), completion_tokens)
+            self.metrics.observe_tokens(meta.info.name, tally.prompt, tally.completion)
         if include_usage:
-            yield sse({**base, "choices": [], "usage": usage(sum(prompt_tokens.values()), completion_tokens)})
+            yield sse({**base, "choices": [], "usage": usage(tally.prompt, tally.completion)})
         yield DONE
