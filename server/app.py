@@ -51,13 +51,14 @@ _SIGNING_KEY_CHECK_SECONDS = 300
 
 
 def resolve_configured_models(settings: Settings, db: Database) -> list[ModelInfo]:
+    """Each configured model's active, signature-verified version (see server/registry/loader.py)."""
     if settings.engine == "fake":
         from server.engine.fake import fake_model_info
 
         return [fake_model_info(m.name, m.pool, m.max_model_len) for m in settings.models]
-    from server.registry.versions import resolve_model
+    from server.registry.loader import load_verified
 
-    return [resolve_model(settings, model, db) for model in settings.models]
+    return [load_verified(settings, model, db).info for model in settings.models]
 
 
 @dataclass
@@ -129,9 +130,13 @@ def create_app(
             for info in infos:
                 hub.add(await asyncio.to_thread(factory, info))
             await hub.start()
+            for info in infos:  # the engines have read their weights: were they the verified bytes?
+                if info.integrity_check is not None:
+                    await asyncio.to_thread(info.integrity_check)
         except Exception as exc:
-            hub.start_error = f"{type(exc).__name__}: {exc}"
+            hub.start_error = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
             log.exception("the server could not start its engines; /readyz reports why")
+            await hub.stop()  # fail closed: nothing is served from an engine that did not verify
 
     async def rotate_signing_keys() -> None:
         while True:

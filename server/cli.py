@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,60 +67,6 @@ def cmd_db_current(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models_import_default(args: argparse.Namespace) -> int:
-    """Convert the embedded default model (once) and record its version and digest."""
-    from server.registry.versions import resolve_model
-    from server.storage.db import Database
-    from server.storage.migrate import upgrade
-
-    settings = _settings(args)
-    _logging("warning")
-    upgrade(settings.sqlalchemy_url)
-    model = next((m for m in settings.models if m.path is None), None)
-    if model is None:
-        print("no configured model uses the embedded default; nothing to import", file=sys.stderr)
-        return 0
-    db = Database(settings.sqlalchemy_url)
-    try:
-        info = resolve_model(settings, model, db, progress=not args.json)
-    finally:
-        db.dispose()
-    out = {"name": info.name, "version": info.version, "digest": info.digest, "path": str(info.path)}
-    print(json.dumps(out) if args.json else f"{info.fingerprint} at {info.path}")
-    return 0
-
-
-def cmd_models_list(args: argparse.Namespace) -> int:
-    from sqlalchemy import select
-
-    from server.registry.models import ModelVersion
-    from server.storage.db import Database
-
-    settings = _settings(args)
-    db = Database(settings.sqlalchemy_url)
-    try:
-        with db.session() as session:
-            rows = [
-                {
-                    "name": r.name,
-                    "version": r.version,
-                    "digest": r.digest,
-                    "path": r.path,
-                    "size_bytes": r.size_bytes,
-                    "created_at": r.created_at.isoformat(),
-                }
-                for r in session.scalars(select(ModelVersion).order_by(ModelVersion.name, ModelVersion.id))
-            ]
-    finally:
-        db.dispose()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            print(f"{r['name']}\t{r['version']}\tsha256:{r['digest'][:12]}\t{r['path']}")
-    return 0
-
-
 def _redact(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
@@ -151,17 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.add_argument("revision", nargs="?", default="head")
     add("current", cmd_db_current, "print the current and head revisions as JSON", db_sub)
 
-    models = sub.add_parser("models", help="served model versions", description="served model versions")
+    models = sub.add_parser("models", help="signed model versions", description="signed model versions")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    imp = add(
-        "import-default",
-        cmd_models_import_default,
-        "convert the embedded default model (SmolLM2-135M-Instruct) once and record its digest",
-        models_sub,
-    )
-    imp.add_argument("--json", action="store_true", help="print the result as JSON")
-    lst = add("list", cmd_models_list, "list recorded model versions", models_sub)
-    lst.add_argument("--json", action="store_true", help="print as JSON")
+    from server.registry import cli as registry
+
+    registry.add_commands(models_sub, lambda func: lambda args: registry.run(func, _settings(args), args))
+
     _add_identity_commands(sub, add)
 
     routes = add("routes", cmd_routes, "list every route with its required permission")

@@ -123,6 +123,20 @@ class AdmissionSettings(BaseModel):
     lease_seconds: int = Field(default=600, ge=10)
 
 
+class RegistrySettings(BaseModel):
+    """Model supply chain: who signs imports here, and whose signatures the engine accepts."""
+
+    model_config = {"extra": "forbid"}
+
+    # The local EC P-256 key that signs imports (generated on first use, 0600).
+    # None: <data_dir>/registry/keys/signing.pem
+    signing_key: Path | None = None
+    # Signer public keys (PEM) whose signatures the engine accepts. Empty: the local signing key's public half
+    # (development only; production refuses to start without an explicit list).
+    pinned_public_keys: list[Path] = Field(default_factory=list)
+    pinned_ca_certificates: list[Path] = Field(default_factory=list)
+
+
 class Settings(BaseSettings):
     """Every knob of one server process."""
 
@@ -148,6 +162,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     @classmethod
     def settings_customise_sources(

@@ -6,7 +6,7 @@ vLLM and can be tested against the deterministic in-process engine.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -25,6 +25,9 @@ class ModelInfo:
     max_model_len: int
     pool: str
     created: int
+    # Re-checks, after the engine has read the weights, that the verified folder did not change meanwhile
+    # (closes the check-then-load window); raises with the reason. None for engines without files.
+    integrity_check: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def short_digest(self) -> str:

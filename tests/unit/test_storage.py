@@ -9,8 +9,7 @@ import sys
 import pytest
 from sqlalchemy import inspect
 
-from server.registry.versions import resolve_model
-from server.settings import REPO_ROOT, ModelSettings, load_settings
+from server.settings import REPO_ROOT
 from server.storage.db import Database
 from server.storage.migrate import current_revision, head_revision, upgrade
 from tests.storage_backends import database_url  # noqa: F401 - fixture
@@ -23,28 +22,6 @@ def test_upgrade_is_idempotent_and_reaches_head(database_url):  # noqa: F811
     try:
         assert current_revision(db) == head_revision(database_url)
         assert "model_versions" in inspect(db.engine).get_table_names()
-    finally:
-        db.dispose()
-
-
-def test_new_bytes_become_next_version_same_bytes_same_version(database_url, tmp_path):  # noqa: F811
-    upgrade(database_url)
-    folder = tmp_path / "m"
-    folder.mkdir()
-    (folder / "config.json").write_text('{"a": 1}')
-    (folder / "weights.safetensors").write_bytes(b"0" * 100)
-    settings = load_settings(data_dir=tmp_path, database_url=database_url, engine="fake")
-    model = ModelSettings(name="tiny", path=folder)
-    db = Database(database_url)
-    try:
-        first = resolve_model(settings, model, db)
-        again = resolve_model(settings, model, db)
-        assert (first.version, first.digest) == ("v1", again.digest) and again.version == "v1"
-        (folder / "config.json").write_text('{"a": 2}')
-        second = resolve_model(settings, model, db)
-        assert second.version == "v2" and second.digest != first.digest
-        with pytest.raises(ValueError, match="immutable"):
-            resolve_model(settings, ModelSettings(name="tiny", path=folder, version="v9"), db)
     finally:
         db.dispose()
 
