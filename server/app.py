@@ -41,6 +41,7 @@ from server.policy.pool_gate import PoolGate
 from server.policy.risk import RiskSignals
 from server.policy.routes import router as policy_router
 from server.policy.store import make_store
+from server.registry.routes import router as registry_router
 from server.settings import Settings
 from server.storage.db import Database
 
@@ -196,6 +197,7 @@ def create_app(
         admin_router,
         audit_router,
         policy_router,
+        registry_router,
     ):
         app.include_router(router)
     check_route_declarations(app)

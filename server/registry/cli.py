@@ -45,8 +45,9 @@ def import_default(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     with _db(settings) as db:
         info = load_verified(settings, model, db, progress=not args.json).info
-    _print(args, {"name": info.name, "version": info.version, "digest": info.digest, "path": str(info.path)},
-           f"{info.fingerprint} (signature verified) at {info.path}")
+    out = {"name": info.name, "version": info.version, "digest": info.digest, "path": str(info.path)}
+    # One line of JSON: scripts read the last line of this command's output.
+    print(json.dumps(out) if args.json else f"{info.fingerprint} (signature verified) at {info.path}")
     return 0
 
 

@@ -1,0 +1,123 @@
+"""Admin API for the model registry: versions, BOMs, verification, evaluation, promotion and rollback.
+
+Promotion and rollback are privileged (`models:promote`, MFA step-up) and audited; they move the active
+alias, which the engine serves from its next load (hot swap is not built yet: see docs/supply-chain.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from pydantic import Field
+from sqlalchemy.orm import Session
+from starlette.responses import Response
+
+from server.api.body import read_body
+from server.api.protocol import StrictModel, parse_request
+from server.audit.service import Actor
+from server.errors import Conflict, InvalidRequest, NotFound
+from server.identity.authn import client_addr, principal_of
+from server.identity.authz import requires
+
+router = APIRouter(prefix="/v1/admin/models")
+T = TypeVar("T")
+
+
+class Evaluation(StrictModel):
+    results: dict[str, Any] = Field(default_factory=dict)
+    passed: bool
+
+
+async def _registry(request: Request, work: Callable[[Session, Actor], T]) -> T:
+    from server.registry.catalog import InvalidTransition, UnknownModel
+    from server.registry.signing import VerificationFailed
+
+    actor = principal_of(request).actor(client_addr(request))
+
+    def run() -> T:
+        with request.app.state.db.session() as session:
+            return work(session, actor)
+
+    try:
+        return await asyncio.to_thread(run)
+    except UnknownModel as exc:
+        raise NotFound(str(exc)) from None
+    except InvalidTransition as exc:
+        raise Conflict(str(exc)) from None
+    except VerificationFailed as exc:
+        raise InvalidRequest(f"verification failed: {exc.reason}", code="verification_failed") from None
+
+
+def _store(request: Request) -> Any:
+    from server.registry.store import BlobStore
+
+    return BlobStore(request.app.state.settings.data_dir)
+
+
+@router.get("", dependencies=[requires("models:read")])
+async def list_models(request: Request) -> dict[str, Any]:
+    from server.registry import catalog
+
+    return {"object": "list", "data": await _registry(request, lambda s, a: catalog.list_models(s))}
+
+
+@router.get("/{name}", dependencies=[requires("models:read")])
+async def show_model(name: str, request: Request) -> dict[str, Any]:
+    from server.registry import catalog
+
+    return await _registry(request, lambda s, a: catalog.show(s, name))
+
+
+@router.get("/{name}/versions/{version}/bom", dependencies=[requires("models:read")])
+async def version_bom(name: str, version: str, request: Request) -> Response:
+    from server.registry import catalog
+
+    view = await _registry(request, lambda s, a: catalog.show(s, name))
+    match = next((v for v in view["versions"] if v["version"] == version), None)
+    if match is None:
+        raise NotFound(f"{name} has no version {version!r}.")
+    data = await asyncio.to_thread(_store(request).read_meta, match["digest"], "bom.json")
+    return Response(data, media_type="application/vnd.cyclonedx+json")
+
+
+@router.post("/{name}/verify", dependencies=[requires("models:write")])
+async def verify_model(name: str, request: Request) -> dict[str, Any]:
+    from server.registry import catalog
+    from server.registry.loader import trust
+
+    version = request.query_params.get("version")
+    settings = request.app.state.settings
+    manifest = await _registry(
+        request, lambda s, a: catalog.verify_version(s, _store(request), name, version, trust=trust(settings), actor=a)
+    )
+    return {"name": name, "verified": True, "digest": manifest.root, "signer": manifest.signer}
+
+
+@router.post("/{name}/versions/{version}/evaluate", dependencies=[requires("models:write")])
+async def evaluate_version(name: str, version: str, request: Request) -> dict[str, Any]:
+    from server.registry import catalog
+
+    body = parse_request(Evaluation, await read_body(request, 256 * 1024))
+    if len(json.dumps(body.results)) > 128 * 1024:
+        raise InvalidRequest("Evaluation results are limited to 128 KiB.", param="results")
+    return await _registry(
+        request, lambda s, a: catalog.record_evaluation(s, name, version, body.results, body.passed, a)
+    )
+
+
+@router.post("/{name}/versions/{version}/promote", dependencies=[requires("models:promote")])
+async def promote_version(name: str, version: str, request: Request) -> dict[str, Any]:
+    from server.registry import catalog
+
+    return await _registry(request, lambda s, a: catalog.promote(s, name, version, a))
+
+
+@router.post("/{name}/rollback", dependencies=[requires("models:promote")])
+async def rollback_model(name: str, request: Request) -> dict[str, Any]:
+    from server.registry import catalog
+
+    return await _registry(request, lambda s, a: catalog.rollback(s, name, a))
