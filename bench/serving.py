@@ -77,7 +77,7 @@ def default_model_dir() -> Path:
         text=True,
         check=True,
     )
-    return Path(json.loads(out.stdout.strip().splitlines()[-1])["path"])
+    return Path(json.loads(out.stdout)["path"])
 
 
 def start(kind: str, model_dir: Path, port: int, workdir: Path, kv_gib: int) -> subprocess.Popen:

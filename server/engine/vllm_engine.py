@@ -216,3 +216,105 @@ class _patched_environ:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# --- watermark logits processor (vLLM adapter) -----------------------------------------------------------
+# The processor logic lives in `server.watermark.processor.BatchWatermarker` (plain torch, tested without
+# vLLM); this section only adapts it to vLLM 0.32's V1 `LogitsProcessor` interface. The class subclasses a
+# vLLM type, and this module imports vLLM lazily everywhere else, so the class is defined on first use and
+# published as the module attribute `WatermarkLogitsProcessor` (PEP 562 `__getattr__`): vLLM's spawned
+# engine processes unpickle it by that name and find it.
+#
+# What guarantees real (non-placeholder) output token ids, in vLLM 0.32's V1 model runner (the CPU runner
+# subclasses it):
+#   1. `GPUModelRunner.__init__` builds its `InputBatch` with
+#      `logitsprocs_need_output_token_ids=bool(custom_logitsprocs)`: registering any custom processor makes
+#      `InputBatch._make_sampling_metadata` keep `sampling_metadata.output_token_ids`, the per-request
+#      output lists, which are the very list objects `BatchUpdate.added` hands us (`req_output_token_ids`).
+#   2. Under asynchronous scheduling those lists end in -1 placeholders for tokens still being copied from
+#      the device. Because the lists are needed, `set_async_sampled_token_ids` keeps the host copy of the
+#      sampled ids, and `GPUModelRunner._sample` calls `input_batch.update_async_output_token_ids()` (which
+#      waits on the copy event and overwrites the placeholders in place) *before* the sampler runs the
+#      logits processors.
+#   3. So we read the lists in `apply()`, inside the sampler, never in `update_state()` (which runs before
+#      the repair). Should a placeholder still appear, `BatchWatermarker` hashes nothing for that row and
+#      step and counts it (`placeholder_steps`).
+# `is_argmax_invariant()` is False, so vLLM also applies the processor to greedy requests. It runs after
+# the grammar bitmask, allowed-token mask, bad words and the built-in min-tokens / logit-bias processors,
+# and before penalties, temperature and top-k/top-p (logits arrive unscaled; a Gumbel row carries its own
+# temperature and leaves one finite logit, so penalties and top-k/top-p no longer shape that choice).
+# Not covered, and refused or failing closed rather than serving unmarked text:
+#   * speculative decoding: V1 applies only built-in processors to draft positions; vLLM's
+#     `build_logitsprocs` already refuses custom processors with it, and __init__ refuses it again;
+#   * Model Runner V2 (the default on CUDA hosts with Triton in 0.32): it loads only V2-interface processors
+#     and refuses this class at engine start, so CUDA pools must set VLLM_USE_V2_MODEL_RUNNER=0.
+
+_WATERMARK_PROCESSOR: type | None = None
+
+
+def watermark_processors() -> list[type]:
+    """The logits processors every engine registers (`VllmEngine(..., logits_processors=...)`).
+
+    Also creates the process tree's watermark transport key (before the engine spawns its processes, so
+    they inherit it; see `server.watermark.transport`).
+    """
+    from server.watermark.transport import install_transport_key
+
+    install_transport_key()
+    return [_watermark_processor_class()]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "WatermarkLogitsProcessor":
+        return _watermark_processor_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _watermark_processor_class() -> type:
+    global _WATERMARK_PROCESSOR
+    if _WATERMARK_PROCESSOR is None:
+        _WATERMARK_PROCESSOR = _define_watermark_processor()
+    return _WATERMARK_PROCESSOR
+
+
+def _define_watermark_processor() -> type:
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+    from server.watermark.processor import BatchWatermarker
+    from server.watermark.request import parse_wm
+    from server.watermark.transport import current_sealer
+
+    class WatermarkLogitsProcessor(LogitsProcessor):
+        """Applies each request's server-set watermark (`SamplingParams.extra_args["_wm"]`) to the batch."""
+
+        def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
+            if getattr(vllm_config, "speculative_config", None) is not None:
+                raise ValueError("watermarking does not support speculative decoding (drafts would go unmarked)")
+            self._batch = BatchWatermarker(current_sealer())  # no transport key: refuse to start
+
+        @classmethod
+        def validate_params(cls, sampling_params: Any) -> None:
+            """At admission: refuse a malformed or forged `_wm`, or one whose temperature disagrees."""
+            wm = parse_wm(sampling_params.extra_args)
+            if wm is not None and wm.temperature != float(sampling_params.temperature):
+                raise ValueError("_wm.t does not match the request's temperature")
+
+        def is_argmax_invariant(self) -> bool:
+            return False  # a watermark changes greedy choices too
+
+        def update_state(self, batch_update: BatchUpdate | None) -> None:
+            if batch_update is None:
+                return
+            for index in batch_update.removed:
+                self._batch.remove(index)
+            for index, params, prompt_ids, output_ids in batch_update.added:
+                self._batch.add(index, params.extra_args, output_ids, prompt_ids)
+            for a, b, direction in batch_update.moved:
+                self._batch.move(a, b, swap=direction == MoveDirectionality.SWAP)
+
+        def apply(self, logits: Any) -> Any:
+            return self._batch.apply(logits)
+
+    WatermarkLogitsProcessor.__module__ = __name__
+    WatermarkLogitsProcessor.__qualname__ = "WatermarkLogitsProcessor"
+    return WatermarkLogitsProcessor

@@ -84,7 +84,7 @@ def default_model_dir() -> Path:
         timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    return Path(json.loads(out.stdout.strip().splitlines()[-1])["path"])
+    return Path(json.loads(out.stdout)["path"])
 
 
 def start_server(data_dir: Path, model_dir: Path, extra_toml: str = "") -> LiveServer:

@@ -1,0 +1,40 @@
+"""Watermark settings (`[watermark]` in the config, `SERVER_WATERMARK__*` in the environment).
+
+The scheme, gamma, delta and width configured here apply to keys created from now on: each key stores
+the parameters it was created with, so texts generated under a retired key stay detectable after the
+configuration changes. Changing them rotates the deployment key at the next start
+(`WatermarkKeyring.ensure_default_key`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+SchemeName = Literal["kgw-selfhash", "kgw-lefthash", "gumbel", "auto"]
+
+
+class WatermarkSettings(BaseModel):
+    """Deployment-wide watermark configuration."""
+
+    model_config = {"extra": "forbid"}
+
+    enabled: bool = True
+    # kgw-selfhash (default) | kgw-lefthash | gumbel | auto. "gumbel" and "auto" use Gumbel-max sampling
+    # for requests with temperature > 0 and fall back to kgw-selfhash (same key) for greedy requests,
+    # where Gumbel-max would degenerate to argmax and carry no signal.
+    scheme: SchemeName = "kgw-selfhash"
+    gamma: float = Field(default=0.25, gt=0.0, lt=1.0)  # KGW green-list fraction
+    delta: float = Field(default=2.0, gt=0.0, le=20.0)  # KGW logit bias
+    # Context window hashed per token; 0 means the scheme's default (lefthash 1, selfhash 4, gumbel 4).
+    width: int = Field(default=0, ge=0, le=8)
+    # Detection: the family-wise false-positive bound (Bonferroni over every key and scheme tried).
+    # 1e-4 leaves a 10x margin under the 1e-3 FPR target (see docs/watermark.md for measured rates).
+    detect_p_threshold: float = Field(default=1e-4, gt=0.0, lt=0.5)
+    detect_min_tokens: int = Field(default=16, ge=1)
+    detect_max_tokens: int = Field(default=8192, ge=16)
+    # The detector is an oracle (an attacker can edit a text until it passes): rate-limit it.
+    detect_requests_per_minute: int = Field(default=30, ge=1)
+    # How long a replica trusts its cached keys and exemptions before re-reading the database.
+    cache_seconds: float = Field(default=10.0, ge=0.0, le=300.0)
