@@ -44,6 +44,10 @@ from server.policy.store import make_store
 from server.registry.routes import router as registry_router
 from server.settings import Settings
 from server.storage.db import Database
+from server.watermark.admin_routes import router as watermark_admin_router
+from server.watermark.keys import WatermarkKeyring
+from server.watermark.marking import RequestMarker
+from server.watermark.routes import router as watermark_router
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,7 @@ def create_app(
     identity = Identity.build(settings, db, audit_sink, password_hasher)
     gatekeeper = build_gatekeeper(settings, db, audit_sink)
     pool_control = PoolControl(db, [p.name for p in settings.pools], gatekeeper.apply_pool_state)
+    watermark_keys = WatermarkKeyring(db, identity.keyring, settings.watermark)
     factory = engine_factory or default_engine_factory(settings)
     resolve = resolver or resolve_configured_models
 
@@ -154,6 +159,7 @@ def create_app(
 
             await asyncio.to_thread(upgrade, settings.sqlalchemy_url)
         await asyncio.to_thread(identity.prepare, db)
+        await asyncio.to_thread(watermark_keys.ensure_default_key)
         await asyncio.to_thread(pool_control.refresh)
         await asyncio.to_thread(gatekeeper.refresh)
         identity.authenticator.start()
@@ -185,8 +191,10 @@ def create_app(
     state.keyring, state.hasher, state.tokens = identity.keyring, identity.hasher, identity.tokens
     state.totp, state.login, state.authenticator = identity.totp, identity.login, identity.authenticator
     state.gatekeeper, state.pool_control = gatekeeper, pool_control
-    state.chat = ChatService(hub, settings.limits, metrics, gatekeeper)
-    state.completions = CompletionService(hub, settings.limits, metrics, gatekeeper)
+    state.watermark_keys = watermark_keys
+    marker = RequestMarker(watermark_keys)
+    state.chat = ChatService(hub, settings.limits, metrics, gatekeeper, marker)
+    state.completions = CompletionService(hub, settings.limits, metrics, gatekeeper, marker)
     for router in (
         health_router,
         metrics_router(settings.auth.metrics_public),
@@ -198,6 +206,8 @@ def create_app(
         audit_router,
         policy_router,
         registry_router,
+        watermark_router,
+        watermark_admin_router,
     ):
         app.include_router(router)
     check_route_declarations(app)

@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_commands(models_sub, lambda func: lambda args: registry.run(func, _settings(args), args))
 
     _add_identity_commands(sub, add)
+    _add_watermark_commands(sub, add)
 
     routes = add("routes", cmd_routes, "list every route with its required permission")
     routes.add_argument("--json", action="store_true", help="print as JSON")
@@ -127,6 +128,13 @@ def _add_identity_commands(sub: argparse._SubParsersAction, add: Callable[..., a
     boot.add_argument("--org", default="default", help="organization name (default: default)")
     boot.add_argument("--email", default="owner@example.com", help="owner email")
     boot.add_argument("--json", action="store_true", help="print as JSON")
+
+    orgs = sub.add_parser("orgs", help="organizations", description="organizations")
+    orgs_sub = orgs.add_subparsers(dest="orgs_command", required=True)
+    oc = add("create", bind(identity.orgs_create), "create an organization", orgs_sub)
+    oc.add_argument("name")
+    oc.add_argument("--json", action="store_true")
+    add("list", bind(identity.orgs_list), "list organizations", orgs_sub).add_argument("--json", action="store_true")
 
     users = sub.add_parser("users", help="users", description="users")
     users_sub = users.add_subparsers(dest="users_command", required=True)
@@ -162,6 +170,40 @@ def _add_identity_commands(sub: argparse._SubParsersAction, add: Callable[..., a
     auth_sub = auth.add_subparsers(dest="auth_command", required=True)
     rot = add("rotate-signing-key", bind(identity.signing_key_rotate), "rotate the JWT signing key", auth_sub)
     rot.add_argument("--json", action="store_true")
+
+
+def _add_watermark_commands(sub: argparse._SubParsersAction, add: Callable[..., argparse.ArgumentParser]) -> None:
+    from server.watermark import cli as wm
+
+    group = sub.add_parser("watermark", help="watermark keys and detection", description="watermark keys and detection")
+    wm_sub = group.add_subparsers(dest="watermark_command", required=True)
+    detect = add(
+        "detect",
+        lambda a: wm.detect_cli(_settings(a), a.model, a.file, org_id=a.org),
+        "detect a watermark in a text file (exit 0 detected, 1 not, 2 unreadable); prints JSON",
+        wm_sub,
+    )
+    detect.add_argument("--model", required=True, help="the configured model whose tokenizer generated the text")
+    detect.add_argument("--file", required=True, help="text file, or - for standard input")
+    detect.add_argument("--org", help="try only what this organization's API callers may (default: every key)")
+    add("keys", lambda a: wm.manage_cli(_settings(a), "keys"), "list watermark keys and exemptions", wm_sub)
+    rotate = add(
+        "rotate",
+        lambda a: wm.manage_cli(_settings(a), "rotate", org_id=a.org, reason=a.reason),
+        "retire the active key and create a new one (retired keys stay for detection)",
+        wm_sub,
+    )
+    rotate.add_argument("--org", help="organization id (default: the deployment default key)")
+    rotate.add_argument("--reason", default="")
+    for verb, text in (("exempt", "stop watermarking an API key's responses"), ("unexempt", "watermark them again")):
+        p = add(
+            verb,
+            lambda a, verb=verb: wm.manage_cli(_settings(a), verb, api_key_id=a.key_id, reason=a.reason),
+            text,
+            wm_sub,
+        )
+        p.add_argument("key_id")
+        p.add_argument("--reason", default="", required=verb == "exempt")
 
 
 def cmd_routes(args: argparse.Namespace) -> int:

@@ -18,6 +18,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from server.watermark.settings import WatermarkSettings
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.toml"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -163,6 +165,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    watermark: WatermarkSettings = Field(default_factory=WatermarkSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -7,7 +7,8 @@ from starlette.requests import Request
 from server.errors import InvalidRequest, RequestTooLarge
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, *, allow_empty: bool = False) -> bytes:
+    """The whole body, at most `limit` bytes; an empty body is a 400 unless `allow_empty` (then `{}`)."""
     too_large = RequestTooLarge(
         f"The request body is larger than this server's limit of {limit} bytes. Send a smaller request."
     )
@@ -24,6 +25,8 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise too_large
         chunks.append(chunk)
-    if size == 0:
+    if size == 0 or (allow_empty and not b"".join(chunks).strip()):
+        if allow_empty:
+            return b"{}"
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
     return b"".join(chunks)

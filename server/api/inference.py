@@ -13,12 +13,15 @@ from starlette.responses import JSONResponse, Response
 from server.api.responses import ResponseMeta
 from server.api.streaming import ClientGone, EventStreamResponse, cancel_on_disconnect
 from server.engine.hub import EngineHub
-from server.engine.types import Engine
+from server.engine.types import Engine, GenerationRequest
 from server.errors import PermissionDenied
 from server.identity.authn import client_addr, principal_of
 from server.observability.metrics import Metrics
 from server.policy.gatekeeper import Gatekeeper
 from server.settings import LimitSettings
+from server.watermark.marking import RequestMarker
+
+Gens = list[GenerationRequest]
 
 
 @dataclass
@@ -34,11 +37,14 @@ class Tally:
 
 
 class InferenceService:
-    def __init__(self, hub: EngineHub, limits: LimitSettings, metrics: Metrics, gatekeeper: Gatekeeper) -> None:
+    def __init__(
+        self, hub: EngineHub, limits: LimitSettings, metrics: Metrics, gatekeeper: Gatekeeper, marker: RequestMarker
+    ) -> None:
         self.hub = hub
         self.limits = limits
         self.metrics = metrics
         self.gatekeeper = gatekeeper
+        self.marker = marker
 
     def engine_for(self, request: Request, model: str) -> Engine:
         """The model's engine, if the caller's credential may use that model (403 before 404: an allowlisted
@@ -54,31 +60,39 @@ class InferenceService:
         request: Request,
         engine: Engine,
         meta: ResponseMeta,
+        gens: Gens,
         *,
-        reserve: int,
-        stream: Callable[[Tally], AsyncIterator[bytes]] | None = None,
-        complete: Callable[[Tally], Awaitable[dict[str, Any]]] | None = None,
+        stream: Callable[[Tally, Gens], AsyncIterator[bytes]] | None = None,
+        complete: Callable[[Tally, Gens], Awaitable[dict[str, Any]]] | None = None,
     ) -> Response:
-        """Admit (`reserve` = prompt + n × max_tokens), generate, and settle to what was used.
+        """Admit (reserving prompt + n × max_tokens of every engine request), watermark, generate, and
+        settle to what was used. `stream`/`complete` receive the engine requests with the watermark set.
 
         Streaming: settled when the response closes, to the tokens streamed so far (a disconnect settles
         what was generated). Non-streaming: to the usage on success, to nothing if generation failed, and
         to the whole reservation if the client left mid-generation (the engine's work is unknown).
         """
+        principal = principal_of(request)
         admission = await self.gatekeeper.admit(
-            principal_of(request),
+            principal,
             pool=engine.info.pool,
             request_id=meta.id,
-            tokens=reserve,
+            tokens=sum(len(g.prompt_token_ids) + g.options.n * g.options.max_tokens for g in gens),
             client_addr=client_addr(request),
         )
-        headers = {**meta.headers(), **admission.headers}
+        try:
+            gens, mark = await self.marker.mark(principal, engine, gens)
+        except BaseException:
+            await admission.finish(0)  # nothing was generated: refund the whole reservation
+            raise
+        headers = {**meta.headers(), **admission.headers, **mark}
         tally = Tally()
         if stream is not None:
-            return EventStreamResponse(stream(tally), headers=headers, on_close=lambda: admission.finish(tally.used))
+            body_iter = stream(tally, gens)
+            return EventStreamResponse(body_iter, headers=headers, on_close=lambda: admission.finish(tally.used))
         assert complete is not None
         try:
-            body = await cancel_on_disconnect(request, complete(tally))
+            body = await cancel_on_disconnect(request, complete(tally, gens))
         except ClientGone:
             await admission.finish(None)
             raise

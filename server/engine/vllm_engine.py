@@ -45,13 +45,14 @@ def vllm_available() -> bool:
 class VllmEngine:
     """`Engine` implementation over vLLM's `AsyncLLM`."""
 
-    def __init__(
-        self, info: ModelInfo, model: ModelSettings, pool: PoolSettings, logits_processors: list[Any] | None = None
-    ) -> None:
+    def __init__(self, info: ModelInfo, model: ModelSettings, pool: PoolSettings, *, watermark: bool = True) -> None:
         self.info = info
         self._model = model
         self._pool = pool
-        self._logits_processors = logits_processors or []
+        # The watermark processor is registered on every engine the server builds; requests without a `_wm`
+        # entry (exempt keys, watermarking disabled) pass through it untouched.
+        self.applies_watermark = watermark
+        self._logits_processors = watermark_processors() if watermark else []
         self.tokenizer = HfTokenizer(info.path)
         self._llm: Any = None
         self._counter = RequestCounter()
@@ -78,12 +79,16 @@ class VllmEngine:
             trust_remote_code=False,
             disable_log_stats=True,
             logits_processors=self._logits_processors or None,
+            **_scheduler_args(self._pool, self._model),
         )
         env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
         if self._pool.device == "cpu":
             env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(self._pool.kv_cache_gib)))
-        elif self._pool.devices:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in self._pool.devices)
+        else:
+            if self._pool.devices:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in self._pool.devices)
+            if self._logits_processors:  # Model Runner V2 refuses V1 logits processors (see the end of this file)
+                env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         with _BUILD_LOCK, _patched_environ(env):
             return AsyncLLM.from_engine_args(args)
 
@@ -127,6 +132,20 @@ class VllmEngine:
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
             await self._llm.abort(request_id)
+
+
+def _scheduler_args(pool: PoolSettings, model: ModelSettings) -> dict[str, Any]:
+    """CPU pools prefill every prompt in one step (no chunked prefill).
+
+    vLLM 0.32's model runner rewinds a seeded request's generator after a partial-prefill step
+    (`gen.set_offset(...)` in `GPUModelRunner._bookkeeping_sync`), and a CPU `torch.Generator` raises
+    "CPU Generator does not use offset": one client sending `seed` with a long prompt, or a few seeded
+    requests at once, would kill the engine for everyone. Without chunking no step is a partial prefill.
+    GPU generators support offsets, so CUDA pools keep chunked prefill.
+    """
+    if pool.device != "cpu":
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(model.max_model_len, 2048)}
 
 
 def _sampling_params(opts: SamplingOptions) -> Any:

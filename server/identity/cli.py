@@ -105,6 +105,21 @@ def bootstrap(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def orgs_create(settings: Settings, args: argparse.Namespace) -> int:
+    with _open(settings) as (db, _), db.session() as session:
+        org = service.create_org(session, Actor.system(), args.name)
+        out = {"id": org.id, "name": org.name}
+    _emit(args, out, f"{out['id']} {out['name']}")
+    return 0
+
+
+def orgs_list(settings: Settings, args: argparse.Namespace) -> int:
+    with _open(settings) as (db, _), db.session() as session:
+        rows = [{"id": o.id, "name": o.name} for o in session.scalars(select(Organization).order_by(Organization.name))]
+    _emit(args, rows, "\n".join(f"{o['id']}\t{o['name']}" for o in rows))
+    return 0
+
+
 def users_create(settings: Settings, args: argparse.Namespace) -> int:
     with _open(settings) as (db, _), db.session() as session:
         org_id = args.org or service.operator_account(session).org_id

@@ -19,6 +19,7 @@ PERMISSIONS: dict[str, str] = {
     "pools:write": "drain or isolate pools (step-up)",
     "finetune": "upload fine-tuning data",
     "watermark:detect": "call the watermark detection API",
+    "watermark:read": "read watermark key ids, parameters and exemptions (never key material)",
     "watermark:admin": "manage watermark keys and exemptions (step-up)",
     "orgs:read": "read organizations",
     "orgs:write": "create and change organizations (step-up)",
@@ -78,6 +79,7 @@ BUILTIN_ROLES: dict[str, tuple[str, frozenset[str]]] = {
                 "models:read",
                 "pools:read",
                 "signing-keys:read",
+                "watermark:read",
                 "self",
             }
         ),

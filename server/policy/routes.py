@@ -19,7 +19,7 @@ from server.api.body import read_body
 from server.api.protocol import StrictModel, parse_request
 from server.audit.service import record
 from server.engine.telemetry import pool_devices
-from server.errors import InvalidRequest, NotFound, RequestTooLarge
+from server.errors import InvalidRequest, NotFound
 from server.identity.apikeys import bump_credentials
 from server.identity.authn import client_addr, principal_of
 from server.identity.authz import requires
@@ -144,10 +144,7 @@ async def list_pools(request: Request) -> dict[str, Any]:
 
 
 async def _set_pool(request: Request, name: str, state: Literal["serving", "draining", "isolated"]) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > 16 * 1024:
-        raise RequestTooLarge("The request body is larger than 16 KiB.")
-    body = parse_request(PoolAction, raw) if raw.strip() else PoolAction()
+    body = parse_request(PoolAction, await read_body(request, 16 * 1024, allow_empty=True))
     p = principal_of(request)
     control = request.app.state.pool_control
     await asyncio.to_thread(control.set_state, name, state, p.actor(client_addr(request)), body.reason)

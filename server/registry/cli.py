@@ -56,11 +56,21 @@ def import_model(settings: Settings, args: argparse.Namespace) -> int:
     from server.registry.loader import signer
     from server.registry.store import BlobStore
 
-    provenance = {k: v for k, v in {"source": str(args.folder), "dataset": args.dataset,
-                                    "base_model": args.base_model}.items() if v}
+    provenance = {
+        k: v
+        for k, v in {"source": str(args.folder), "dataset": args.dataset, "base_model": args.base_model}.items()
+        if v
+    }
     with _db(settings) as db, db.session() as session:
-        view = catalog.import_version(session, BlobStore(settings.data_dir), args.name, args.folder,
-                                      provenance=provenance, signer=signer(settings), actor=Actor.system())
+        view = catalog.import_version(
+            session,
+            BlobStore(settings.data_dir),
+            args.name,
+            args.folder,
+            provenance=provenance,
+            signer=signer(settings),
+            actor=Actor.system(),
+        )
     _print(args, view, f"{view['name']} {view['version']} sha256:{view['digest']} ({view['state']})")
     return 0
 
@@ -89,10 +99,23 @@ def verify(settings: Settings, args: argparse.Namespace) -> int:
     from server.registry.store import BlobStore
 
     with _db(settings) as db, db.session() as session:
-        manifest = catalog.verify_version(session, BlobStore(settings.data_dir), args.name, args.version,
-                                          trust=trust(settings), actor=Actor.system(), path=args.path)
-    out = {"name": args.name, "digest": manifest.root, "signer": manifest.signer, "folder": str(manifest.folder),
-           "files": len(manifest.files), "verified": True}
+        manifest = catalog.verify_version(
+            session,
+            BlobStore(settings.data_dir),
+            args.name,
+            args.version,
+            trust=trust(settings),
+            actor=Actor.system(),
+            path=args.path,
+        )
+    out = {
+        "name": args.name,
+        "digest": manifest.root,
+        "signer": manifest.signer,
+        "folder": str(manifest.folder),
+        "files": len(manifest.files),
+        "verified": True,
+    }
     _print(args, out, f"OK: {manifest.folder} matches sha256:{manifest.root} signed by {manifest.signer}")
     return 0
 
@@ -103,8 +126,9 @@ def sign(settings: Settings, args: argparse.Namespace) -> int:
     from server.registry.store import BlobStore
 
     with _db(settings) as db, db.session() as session:
-        view = catalog.sign_version(session, BlobStore(settings.data_dir), args.name, args.version,
-                                    signer(settings), Actor.system())
+        view = catalog.sign_version(
+            session, BlobStore(settings.data_dir), args.name, args.version, signer(settings), Actor.system()
+        )
     _print(args, view, f"signed {view['name']} {view['version']} ({view['signer']})")
     return 0
 
@@ -114,8 +138,7 @@ def evaluate(settings: Settings, args: argparse.Namespace) -> int:
 
     results = json.loads(Path(args.results).read_text()) if args.results else {"suite": "manual"}
     with _db(settings) as db, db.session() as session:
-        view = catalog.record_evaluation(session, args.name, args.version, results, not args.failed,
-                                         Actor.system())
+        view = catalog.record_evaluation(session, args.name, args.version, results, not args.failed, Actor.system())
     _print(args, view, f"{view['name']} {view['version']}: {view['state']}")
     return 0
 
@@ -181,13 +204,19 @@ def add_commands(models_sub: argparse._SubParsersAction, bind: Callable[..., Any
     p.add_argument("--base-model", help="base model provenance (recorded in the BOM)")
     add("list", list_models, "list models and their versions")
     add("show", show, "one model: active version (digest, stored path) and all versions").add_argument("name")
-    p = add("verify", verify, "verify the active version (or --version) or another folder (--path) against "
-            "its signature; exits 1 with the reason on any mismatch")
+    p = add(
+        "verify",
+        verify,
+        "verify the active version (or --version) or another folder (--path) against "
+        "its signature; exits 1 with the reason on any mismatch",
+    )
     p.add_argument("name")
     p.add_argument("--version")
     p.add_argument("--path", type=Path)
-    for name, func, text in (("sign", sign, "re-sign a version and its BOM with the local key"),
-                             ("promote", promote, "make a version active (it must be evaluated)")):
+    for name, func, text in (
+        ("sign", sign, "re-sign a version and its BOM with the local key"),
+        ("promote", promote, "make a version active (it must be evaluated)"),
+    ):
         p = add(name, func, text)
         p.add_argument("name")
         p.add_argument("version")

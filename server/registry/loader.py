@@ -39,8 +39,9 @@ def signer(settings: Settings) -> Signer:
     key = signing_key_path(settings)
     public, created = ensure_signing_key(key)
     if created:
-        log.warning("generated a model signing key at %s; its public key %s is pinned for this data directory",
-                    key, public)
+        log.warning(
+            "generated a model signing key at %s; its public key %s is pinned for this data directory", key, public
+        )
     return Signer(private_key=key)
 
 
@@ -63,21 +64,38 @@ def load_verified(settings: Settings, model: ModelSettings, db: Database, *, pro
         active = catalog.active_version(session, model.name)
     if active is None:
         folder = model_folder(settings, model, progress=progress)
-        log.warning("model %s has no active version: importing %s, signing and promoting it (first use)",
-                    model.name, folder)
+        log.warning(
+            "model %s has no active version: importing %s, signing and promoting it (first use)", model.name, folder
+        )
         provenance = {"source": str(folder), "how": "first start (trust on first use)"}
         with db.session() as session:
-            active = catalog.bootstrap(session, store, model.name, folder, provenance=provenance,
-                                       signer=signer(settings), trust=pinned,
-                                       evaluation={"suite": "bootstrap", "note": "first import of the configured "
-                                                   "model; no pre-promotion suite ran"}, actor=Actor.system())
+            active = catalog.bootstrap(
+                session,
+                store,
+                model.name,
+                folder,
+                provenance=provenance,
+                signer=signer(settings),
+                trust=pinned,
+                evaluation={
+                    "suite": "bootstrap",
+                    "note": "first import of the configured model; no pre-promotion suite ran",
+                },
+                actor=Actor.system(),
+            )
     try:
         manifest = store.verify(active["digest"], pinned)
     except VerificationFailed as exc:
         catalog.audit_failure(db, Actor.system(), "registry.load", model.name, exc.reason)
         raise
-    info = ModelInfo(name=model.name, version=active["version"], digest=manifest.root, path=manifest.folder,
-                     max_model_len=model.max_model_len, pool=model.pool,
-                     created=int(datetime.fromisoformat(active["created_at"]).timestamp()),
-                     integrity_check=manifest.assert_unchanged)
+    info = ModelInfo(
+        name=model.name,
+        version=active["version"],
+        digest=manifest.root,
+        path=manifest.folder,
+        max_model_len=model.max_model_len,
+        pool=model.pool,
+        created=int(datetime.fromisoformat(active["created_at"]).timestamp()),
+        integrity_check=manifest.assert_unchanged,
+    )
     return LoadedModel(info, manifest)

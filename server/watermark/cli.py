@@ -1,36 +1,74 @@
-"""`python -m server watermark detect --model M --file F`: detection from the operator's command line.
+"""`python -m server watermark …`: detection, keys, rotation and exemptions from the operator's command line.
 
-The operator holds the database and the master secret, so the command may try every key of every
-organization (or, with `org_id`, exactly what that organization's API callers may try). The multiple
-testing correction counts every key tried, so a larger key set needs a stronger signal, never less.
+`detect --model M --file F`: the operator holds the database and the master secret, so the command may try
+every key of every organization (or, with `org_id`, exactly what that organization's API callers may try).
+The multiple testing correction counts every key tried, so a larger key set needs a stronger signal, never less.
 Exit status: 0 watermark detected, 1 not detected, 2 the input could not be read or tested.
+`keys`, `rotate [--org ID]`, `exempt KEY_ID --reason R`, `unexempt KEY_ID`: audited as the system actor.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from server.settings import Settings
-from server.watermark.settings import WatermarkSettings
 
 
-def watermark_settings(settings: Settings) -> WatermarkSettings:
-    """`settings.watermark`, or the defaults while `Settings` has no watermark section."""
-    configured = getattr(settings, "watermark", None)
-    return configured if isinstance(configured, WatermarkSettings) else WatermarkSettings()
+@contextmanager
+def _keyring(settings: Settings) -> Iterator[Any]:
+    from server.identity.secrets import Keyring, load_master_secret
+    from server.storage.db import Database
+    from server.storage.migrate import upgrade
+    from server.watermark.keys import WatermarkKeyring
+
+    upgrade(settings.sqlalchemy_url)
+    db = Database(settings.sqlalchemy_url)
+    try:
+        yield WatermarkKeyring(db, Keyring(load_master_secret(settings)), settings.watermark)
+    finally:
+        db.dispose()
+
+
+def manage_cli(
+    settings: Settings, action: str, *, org_id: str | None = None, api_key_id: str = "", reason: str = ""
+) -> int:
+    """keys | rotate | exempt | unexempt; prints JSON. Exit 1 with the reason when refused."""
+    from server.audit.service import Actor
+    from server.errors import ServerError
+
+    with _keyring(settings) as keys:
+        try:
+            if action == "keys":
+                result: dict[str, Any] = keys.describe(None, everything=True)
+            elif action == "rotate":
+                result = _key_view(keys.rotate(org_id, Actor.system(), reason or "rotation"))
+            elif action == "exempt":
+                keys.exempt(api_key_id, Actor.system(), reason)
+                result = {"api_key_id": api_key_id, "exempt": True}
+            else:
+                keys.unexempt(api_key_id, Actor.system(), reason)
+                result = {"api_key_id": api_key_id, "exempt": False}
+        except ServerError as exc:
+            print(exc.message, file=sys.stderr)
+            return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _key_view(material: Any) -> dict[str, Any]:
+    return {"key_id": material.key_id, "org_id": material.org_id, "scheme": material.scheme, "status": material.status}
 
 
 def detect_cli(settings: Settings, model: str, file: str | Path, *, org_id: str | None = None, out: Any = None) -> int:
     """Detect a watermark in the text of `file` ("-" for stdin) with `model`'s tokenizer; print JSON."""
     from server.engine.tokenizer import HfTokenizer
-    from server.identity.secrets import Keyring, load_master_secret
     from server.registry.versions import model_folder
-    from server.storage.db import Database
     from server.watermark.detector import detect
-    from server.watermark.keys import WatermarkKeyring
 
     out = out or sys.stdout
     configured = next((m for m in settings.models if m.name == model), None)
@@ -43,13 +81,9 @@ def detect_cli(settings: Settings, model: str, file: str | Path, *, org_id: str 
     except (OSError, UnicodeDecodeError) as exc:
         print(f"cannot read {file}: {exc}", file=sys.stderr)
         return 2
-    wm = watermark_settings(settings)
-    db = Database(settings.sqlalchemy_url)
-    try:
-        keys = WatermarkKeyring(db, Keyring(load_master_secret(settings)), wm)
+    wm = settings.watermark
+    with _keyring(settings) as keys:
         candidates = keys.all_keys_for(org_id) if org_id is not None else keys.every_key()
-    finally:
-        db.dispose()
     tokenizer = HfTokenizer(model_folder(settings, configured, progress=False))
     result = detect(
         tokenizer.encode(text), candidates, threshold=wm.detect_p_threshold, min_tokens=wm.detect_min_tokens

@@ -83,13 +83,13 @@ class WatermarkKeyring:
         self.invalidate()
         return material
 
-    def rotate(self, org_id: str | None, actor: Actor | None = None) -> KeyMaterial:
+    def rotate(self, org_id: str | None, actor: Actor | None = None, reason: str = "rotation") -> KeyMaterial:
         """Retire the active key of `org_id` (None: the default) and create a new one; audited.
 
         Also how an organization gets its first key of its own.
         """
         with self._db.session() as session:
-            material = self._create(session, org_id, actor or Actor.system(), reason="rotation")
+            material = self._create(session, org_id, actor or Actor.system(), reason=reason[:500] or "rotation")
         self.invalidate()
         return material
 
@@ -107,6 +107,21 @@ class WatermarkKeyring:
         if not self._settings.enabled or self.is_exempt(api_key_id):
             return None
         return self.active_key_for(org_id)
+
+    STALE = object()
+
+    def cached_for_request(self, org_id: str | None, api_key_id: str | None) -> KeyMaterial | None | object:
+        """`for_request` from the cached snapshot without touching the database (safe on the event loop),
+        or `STALE` when the snapshot is due for a re-read (then call `for_request` in a worker thread)."""
+        if not self._settings.enabled:
+            return None
+        snap = self._snapshot
+        if snap is None or self._clock() - snap.loaded_at > self._settings.cache_seconds:
+            return self.STALE
+        if api_key_id is not None and api_key_id in snap.exempt:
+            return None
+        material = snap.active.get(org_id) if org_id is not None else None
+        return material or snap.active.get(None) or self.STALE
 
     def all_keys_for(self, org_id: str | None) -> list[KeyMaterial]:
         """The keys detection may try for a caller of `org_id`: its own and the default's, active and retired."""
@@ -126,14 +141,50 @@ class WatermarkKeyring:
             rows = list(session.scalars(select(WatermarkKey).order_by(WatermarkKey.created_at.desc())))
         return [self._material(r) for r in rows]
 
+    def describe(self, org_id: str | None, *, everything: bool = False) -> dict[str, list[dict[str, object]]]:
+        """Key metadata (never material) and exemptions visible to `org_id` (its own and the default's
+        keys, its API keys' exemptions), or of every organization with `everything`."""
+        with self._db.session() as session:
+            keys = select(WatermarkKey).order_by(WatermarkKey.created_at.desc(), WatermarkKey.key_id)
+            exemptions = select(WatermarkExemption, ApiKey.org_id).join(
+                ApiKey, ApiKey.id == WatermarkExemption.api_key_id
+            )
+            if not everything:
+                keys = keys.where(WatermarkKey.org_id.is_(None) | (WatermarkKey.org_id == org_id))
+                exemptions = exemptions.where(ApiKey.org_id == org_id)
+            key_rows = [
+                {
+                    "key_id": r.key_id,
+                    "org_id": r.org_id,
+                    "scheme": r.scheme,
+                    "params": dict(r.params),
+                    "status": r.status,
+                    "created_at": r.created_at.isoformat(),
+                    "retired_at": r.retired_at.isoformat() if r.retired_at else None,
+                }
+                for r in session.scalars(keys)
+            ]
+            exempt_rows = [
+                {
+                    "api_key_id": e.api_key_id,
+                    "org_id": key_org,
+                    "created_by": e.created_by,
+                    "created_at": e.created_at.isoformat(),
+                    "reason": e.reason,
+                }
+                for e, key_org in session.execute(exemptions.order_by(WatermarkExemption.created_at))
+            ]
+        return {"keys": key_rows, "exemptions": exempt_rows}
+
     # -- exemptions ------------------------------------------------------------------------------------
-    def exempt(self, api_key_id: str, actor: Actor, reason: str) -> None:
-        """Stop watermarking the responses of `api_key_id`. Audited in the same transaction."""
+    def exempt(self, api_key_id: str, actor: Actor, reason: str, *, within_org: str | None = None) -> None:
+        """Stop watermarking the responses of `api_key_id` (which must belong to `within_org` when given).
+        Audited in the same transaction."""
         reason = reason.strip()
         if not reason:
             raise InvalidRequest("An exemption from watermarking needs a reason.", param="reason")
         with self._db.session() as session:
-            key = _api_key(session, api_key_id)
+            key = _api_key(session, api_key_id, within_org)
             row = session.get(WatermarkExemption, api_key_id)
             if row is None:
                 session.add(WatermarkExemption(api_key_id=api_key_id, created_by=actor.id or actor.type, reason=reason))
@@ -145,10 +196,10 @@ class WatermarkKeyring:
             )  # fmt: skip
         self.invalidate()
 
-    def unexempt(self, api_key_id: str, actor: Actor, reason: str = "") -> None:
+    def unexempt(self, api_key_id: str, actor: Actor, reason: str = "", *, within_org: str | None = None) -> None:
         """Watermark `api_key_id`'s responses again. Audited."""
         with self._db.session() as session:
-            key = _api_key(session, api_key_id)
+            key = _api_key(session, api_key_id, within_org)
             row = session.get(WatermarkExemption, api_key_id)
             if row is not None:
                 session.delete(row)
@@ -238,8 +289,8 @@ def _newest_active(session: Session, org_id: str | None) -> WatermarkKey | None:
     return session.scalars(query.order_by(WatermarkKey.created_at.desc(), WatermarkKey.key_id.desc())).first()
 
 
-def _api_key(session: Session, api_key_id: str) -> ApiKey:
+def _api_key(session: Session, api_key_id: str, within_org: str | None) -> ApiKey:
     key = session.get(ApiKey, api_key_id)
-    if key is None:
+    if key is None or (within_org is not None and key.org_id != within_org):
         raise NotFound(f"API key {api_key_id!r} does not exist.", param="api_key_id")
     return key

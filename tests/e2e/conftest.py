@@ -48,6 +48,32 @@ class LiveServer:
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)["key"]
 
+    def exempt_key(self, scopes: str = "inference") -> str:
+        """A new key exempted from watermarking (the model's unaltered answers), once the server applies it."""
+        out = self.cli("keys", "create", "--scopes", scopes, "--json")
+        assert out.returncode == 0, out.stderr
+        created = json.loads(out.stdout)
+        done = self.cli("watermark", "exempt", created["id"], "--reason", "e2e: unwatermarked baseline")
+        assert done.returncode == 0, done.stderr
+        self.wait_for_watermark(created["key"], "off")
+        return created["key"]
+
+    def wait_for_watermark(self, key: str, expected: str, timeout: float = 30.0) -> None:
+        """Poll one-token answers until X-Watermark is `expected` (the server re-reads keys and exemptions
+        every `watermark.cache_seconds`)."""
+        deadline, seen = time.monotonic() + timeout, None
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        while time.monotonic() < deadline:
+            resp = httpx.post(
+                f"{self.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=body, timeout=60
+            )
+            assert resp.status_code == 200, resp.text
+            seen = resp.headers.get("x-watermark")
+            if seen == expected:
+                return
+            time.sleep(0.3)
+        pytest.fail(f"X-Watermark stayed {seen!r}, expected {expected!r}")
+
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
@@ -72,21 +98,6 @@ def server_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def default_model_dir() -> Path:
-    """The embedded default model, converted once into the repository's data directory."""
-    out = subprocess.run(
-        [sys.executable, "-m", "server", "models", "import-default", "--json"],
-        cwd=REPO,
-        env=server_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return Path(json.loads(out.stdout)["path"])
-
-
 def start_server(data_dir: Path, model_dir: Path, extra_toml: str = "") -> LiveServer:
     port = free_port()
     config = data_dir / "server.toml"
@@ -105,6 +116,9 @@ name = "{MODEL}"
 path = "{model_dir}"
 pool = "cpu"
 max_model_len = 2048
+
+[watermark]
+cache_seconds = 1
 {extra_toml}
 """)
     log_path = data_dir / "server.log"

@@ -217,8 +217,11 @@ def test_denials_and_failures_are_audited(world):
     client.get("/v1/admin/users", headers={"Authorization": world.creds["key:client"][0]})
     owner = world.creds["token:owner"][0]
     # Anonymous failures belong to no organization: only the installation's owner sees them.
-    for action, outcome, who in (("authz", "denied", header), ("auth.login", "success", header),
-                                 ("authn", "failure", owner)):
+    for action, outcome, who in (
+        ("authz", "denied", header),
+        ("auth.login", "success", header),
+        ("authn", "failure", owner),
+    ):
         resp = client.get("/v1/admin/audit", params={"action": action}, headers={"Authorization": who})
         assert resp.status_code == 200
         assert any(e["outcome"] == outcome for e in resp.json()["data"]), (action, outcome)

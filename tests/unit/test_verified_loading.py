@@ -23,8 +23,11 @@ from tests.unit.conftest import CHEAP_HASHER
 
 
 def _settings(tmp_path, folder, **extra):
-    return load_settings(data_dir=tmp_path / "data", models=[{"name": "tiny", "path": str(folder), "pool": "cpu",
-                                                              "max_model_len": 64}], **extra)
+    return load_settings(
+        data_dir=tmp_path / "data",
+        models=[{"name": "tiny", "path": str(folder), "pool": "cpu", "max_model_len": 64}],
+        **extra,
+    )
 
 
 def _writable(path) -> None:
@@ -89,12 +92,18 @@ def test_server_refuses_to_serve_a_version_that_does_not_verify(tmp_path):
 def test_models_cli_show_and_verify_path(tmp_path):
     folder = build_model(tmp_path / "src")
     config = tmp_path / "c.toml"
-    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[[models]]\nname = "tiny"\npath = "{folder}"\n'
-                      'pool = "cpu"\nmax_model_len = 64\n')
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n[[models]]\nname = "tiny"\npath = "{folder}"\n'
+        'pool = "cpu"\nmax_model_len = 64\n'
+    )
 
     def cli(*argv):
-        return subprocess.run([sys.executable, "-m", "server", "--config", str(config), "models", *argv],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "server", "--config", str(config), "models", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     settings = load_settings(config)
     upgrade(settings.sqlalchemy_url)

@@ -20,13 +20,10 @@ from server.watermark.processor import BatchWatermarker
 from server.watermark.request import watermark_extra_args
 from server.watermark.settings import WatermarkSettings
 
-MODEL_DIR = Path(__file__).resolve().parents[2] / "var" / "models" / "SmolLM2-135M-Instruct"
-pytestmark = pytest.mark.skipif(not (MODEL_DIR / "tokenizer.json").is_file(), reason="default model not imported")
-
 
 @pytest.fixture
-def settings(tmp_path):
-    settings = load_settings(data_dir=tmp_path, engine="fake", models=[{"name": "m", "path": str(MODEL_DIR)}])
+def settings(tmp_path, default_model_dir):
+    settings = load_settings(data_dir=tmp_path, engine="fake", models=[{"name": "m", "path": str(default_model_dir)}])
     upgrade(settings.sqlalchemy_url)
     return settings
 
@@ -40,11 +37,11 @@ def _default_key(settings):
         db.dispose()
 
 
-def _word_text(sealer, key, n: int) -> str:
+def _word_text(model_dir: Path, sealer, key, n: int) -> str:
     """Sample n whole-word tokens (" word", stable under re-tokenization) through the watermarker."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(MODEL_DIR), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     words = [i for t, i in tok.get_vocab().items() if re.fullmatch(r"Ġ[a-z]{3,}", t)]
     allowed = torch.full((len(tok),), float("-inf"))
     allowed[words] = 0.0
@@ -60,11 +57,11 @@ def _word_text(sealer, key, n: int) -> str:
     return tok.decode(out)
 
 
-def test_detects_watermarked_text_and_not_plain_text(settings, sealer, tmp_path):
+def test_detects_watermarked_text_and_not_plain_text(settings, sealer, tmp_path, default_model_dir):
     key = _default_key(settings)
     marked, plain = tmp_path / "marked.txt", tmp_path / "plain.txt"
-    marked.write_text(_word_text(sealer, key, 200))
-    plain.write_text(_word_text(sealer, None, 120))
+    marked.write_text(_word_text(default_model_dir, sealer, key, 200))
+    plain.write_text(_word_text(default_model_dir, sealer, None, 120))
     out = io.StringIO()
     assert detect_cli(settings, "m", marked, out=out) == 0
     found = json.loads(out.getvalue())

@@ -1,5 +1,4 @@
-"""`POST /v1/watermark/detect` over the app with the in-process engine (the router is mounted here the
-way `create_app` will mount it)."""
+"""`POST /v1/watermark/detect` over the app with the in-process engine."""
 
 from __future__ import annotations
 
@@ -17,9 +16,7 @@ from server.identity import service
 from server.identity.apikeys import create_key
 from server.identity.passwords import PasswordHasher
 from server.settings import load_settings
-from server.watermark.keys import WatermarkKeyring
-from server.watermark.routes import DetectLimiter, router
-from server.watermark.settings import WatermarkSettings
+from server.watermark.routes import DetectLimiter
 from tests.watermark.conftest import generate
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -42,16 +39,12 @@ def _key(app, scopes: list[str]) -> str:
 
 @pytest.fixture
 def client(tmp_path):
-    settings = load_settings(data_dir=tmp_path, engine="fake")
+    settings = load_settings(data_dir=tmp_path, engine="fake", watermark={"detect_requests_per_minute": 6})
     app = create_app(
         settings,
         engine_factory=lambda info: FakeEngine(info),
         resolver=lambda s, db: [_info()],
         password_hasher=PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1),
-    )
-    app.include_router(router)
-    app.state.watermark_keys = WatermarkKeyring(
-        app.state.db, app.state.keyring, WatermarkSettings(detect_requests_per_minute=6)
     )
     with TestClient(app) as c:
         deadline = time.time() + 10

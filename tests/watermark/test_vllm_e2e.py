@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,28 +22,14 @@ KGW = KeyMaterial("wk_0000000000e1", "kgw-selfhash", 0.25, 2.0, 0, bytes(range(1
 GUMBEL = KeyMaterial("wk_0000000000e2", "gumbel", 0.25, 2.0, 0, bytes(range(16, 32)))
 
 
-def _default_model() -> Path:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVER_")}
-    out = subprocess.run(
-        [sys.executable, "-m", "server", "models", "import-default", "--json"],
-        cwd=REPO,
-        env={**env, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return Path(json.loads(out.stdout.strip().splitlines()[-1])["path"])
-
-
 @pytest.fixture(scope="module")
-def engine():
-    from server.engine.vllm_engine import VllmEngine, watermark_processors
+def engine(default_model_dir):
+    from server.engine.vllm_engine import VllmEngine
 
-    path = _default_model()
+    path = default_model_dir
     info = ModelInfo("SmolLM2-135M-Instruct", "v1", "0" * 64, path, 1024, "cpu", 0)
     model = ModelSettings(name=info.name, path=path, max_model_len=1024)
-    eng = VllmEngine(info, model, PoolSettings(kv_cache_gib=1), logits_processors=watermark_processors())
+    eng = VllmEngine(info, model, PoolSettings(kv_cache_gib=1))
     loop = asyncio.new_event_loop()
     loop.run_until_complete(eng.start())
     yield eng, loop

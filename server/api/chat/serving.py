@@ -61,19 +61,18 @@ class ChatService(InferenceService):
             prompt_param="messages",
         )
         meta = ResponseMeta.new("chatcmpl", engine.info)
-        gen = GenerationRequest(request_id=meta.id, prompt_token_ids=prompt_ids, options=options)
-        reserve = len(prompt_ids) + options.n * options.max_tokens
+        gens = [GenerationRequest(request_id=meta.id, prompt_token_ids=prompt_ids, options=options)]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self.answer(
                 request,
                 engine,
                 meta,
-                reserve=reserve,
-                stream=lambda tally: self._stream(engine, gen, req, meta, include_usage, buffered, tally),
+                gens,
+                stream=lambda tally, gens: self._stream(engine, gens[0], req, meta, include_usage, buffered, tally),
             )
         return await self.answer(
-            request, engine, meta, reserve=reserve, complete=lambda tally: self._complete(engine, gen, req, meta, tally)
+            request, engine, meta, gens, complete=lambda tally, gens: self._complete(engine, gens[0], req, meta, tally)
         )
 
     def _check_messages(self, req: ChatCompletionRequest) -> None:

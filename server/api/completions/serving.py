@@ -53,22 +53,21 @@ class CompletionService(InferenceService):
             )
             gens.append(GenerationRequest(request_id=f"{meta.id}-{i}", prompt_token_ids=ids, options=options))
         echoes = [engine.tokenizer.decode(ids) if req.echo else "" for ids in prompts]
-        reserve = sum(len(g.prompt_token_ids) + g.options.n * g.options.max_tokens for g in gens)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self.answer(
                 request,
                 engine,
                 meta,
-                reserve=reserve,
-                stream=lambda tally: self._stream(engine, gens, req, meta, echoes, include_usage, tally),
+                gens,
+                stream=lambda tally, gens: self._stream(engine, gens, req, meta, echoes, include_usage, tally),
             )
         return await self.answer(
             request,
             engine,
             meta,
-            reserve=reserve,
-            complete=lambda tally: self._complete(engine, gens, req, meta, echoes, tally),
+            gens,
+            complete=lambda tally, gens: self._complete(engine, gens, req, meta, echoes, tally),
         )
 
     def _prompts(self, engine: Engine, req: CompletionRequest) -> list[list[int]]:

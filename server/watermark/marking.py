@@ -1,0 +1,46 @@
+"""Watermarking one admitted request: pick its key, seal it into each engine request, name it in a header.
+
+The completion endpoints call `RequestMarker.mark` after admission and before the engine sees anything.
+It is the only place `_wm` is written (`request.watermark_extra_args`); what a client sent never reaches
+`extra_args` (the protocol refuses the field). The `X-Watermark` header says which scheme and key id the
+response carries, or `off` when the API key is exempt, watermarking is disabled, or the engine does not
+apply watermarks (the fake test engine): the header never claims a mark that is not there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+from server.engine.types import Engine, GenerationRequest
+from server.identity.principal import Principal
+from server.watermark.keys import WatermarkKeyring
+from server.watermark.request import HEADER, header_value, watermark_extra_args
+
+
+class RequestMarker:
+    def __init__(self, keys: WatermarkKeyring) -> None:
+        self.keys = keys
+
+    async def mark(
+        self, principal: Principal, engine: Engine, gens: list[GenerationRequest]
+    ) -> tuple[list[GenerationRequest], dict[str, str]]:
+        """`gens` with the request's watermark set, and the response header that names it."""
+        if not gens or not getattr(engine, "applies_watermark", False):
+            return gens, {HEADER: header_value(None)}
+        material = self.keys.cached_for_request(principal.org_id, principal.api_key_id)
+        if material is self.keys.STALE:  # the cache is due for a re-read: the database call goes to a thread
+            material = await asyncio.to_thread(self.keys.for_request, principal.org_id, principal.api_key_id)
+        if material is None:
+            return gens, {HEADER: header_value(None)}
+        marked = [
+            replace(
+                g,
+                options=replace(
+                    g.options,
+                    extra_args={**g.options.extra_args, **watermark_extra_args(material, g.options.temperature)},
+                ),
+            )
+            for g in gens
+        ]
+        return marked, {HEADER: header_value(material, gens[0].options.temperature)}
