@@ -22,6 +22,7 @@ from server.audit.routes import router as audit_router
 from server.audit.sink import AuditSink
 from server.engine.hub import EngineFactory, EngineHub, default_engine_factory
 from server.engine.pool_control import PoolControl
+from server.engine.swap import ModelSwapper
 from server.engine.types import ModelInfo
 from server.identity.admin_routes import router as admin_router
 from server.identity.auth_routes import router as auth_router
@@ -64,6 +65,25 @@ def resolve_configured_models(settings: Settings, db: Database) -> list[ModelInf
     from server.registry.loader import load_verified
 
     return [load_verified(settings, model, db).info for model in settings.models]
+
+
+def _model_swapper(
+    settings: Settings, db: Database, hub: EngineHub, factory: EngineFactory, audit: AuditSink
+) -> ModelSwapper | None:
+    """Hot swap on promote/rollback for registry-backed engines (the fake engine has no registry)."""
+    if settings.engine == "fake":
+        return None
+    from server.registry.loader import active_digests, load_verified
+
+    return ModelSwapper(
+        hub,
+        settings.models,
+        lambda: active_digests(settings, db),
+        lambda model: load_verified(settings, model, db, progress=False).info,
+        factory,
+        audit,
+        grace_seconds=settings.shutdown_grace_seconds,
+    )
 
 
 @dataclass
@@ -129,6 +149,7 @@ def create_app(
     watermark_keys = WatermarkKeyring(db, identity.keyring, settings.watermark)
     factory = engine_factory or default_engine_factory(settings)
     resolve = resolver or resolve_configured_models
+    swapper = _model_swapper(settings, db, hub, factory, audit_sink) if resolver is None else None
 
     async def boot_engines() -> None:
         try:
@@ -169,12 +190,16 @@ def create_app(
         pool_control.start()
         tasks = [asyncio.create_task(boot_engines()), asyncio.create_task(rotate_signing_keys())]
         app.state.boot = tasks[0]
+        if swapper is not None:
+            swapper.start()
         try:
             yield
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if swapper is not None:
+                await swapper.stop()
             await hub.stop()
             await pool_control.stop()
             await gatekeeper.risk.stop()
@@ -190,7 +215,7 @@ def create_app(
     state.settings, state.db, state.hub, state.metrics, state.audit_sink = settings, db, hub, metrics, audit_sink
     state.keyring, state.hasher, state.tokens = identity.keyring, identity.hasher, identity.tokens
     state.totp, state.login, state.authenticator = identity.totp, identity.login, identity.authenticator
-    state.gatekeeper, state.pool_control = gatekeeper, pool_control
+    state.gatekeeper, state.pool_control, state.swapper = gatekeeper, pool_control, swapper
     state.watermark_keys = watermark_keys
     marker = RequestMarker(watermark_keys)
     state.chat = ChatService(hub, settings.limits, metrics, gatekeeper, marker)

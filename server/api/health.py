@@ -27,6 +27,8 @@ async def readyz(request: Request) -> Response:
     ]
     ready = hub.ready()
     body: dict[str, Any] = {"status": "ready" if ready else "starting", "models": models}
+    if hub.swap_errors:  # the previous (verified) version keeps serving; the newly active one was refused
+        body["swap_errors"] = dict(hub.swap_errors)
     if hub.start_error:
         body["status"], body["error"] = "failed", hub.start_error
     return JSONResponse(body, status_code=200 if ready else 503)
@@ -38,6 +40,11 @@ def metrics_router(public: bool) -> APIRouter:
 
     @metrics_routes.get("/metrics", dependencies=[requires(PUBLIC if public else "metrics:read")])
     async def metrics(request: Request) -> Response:
-        return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        state = request.app.state
+        # Gate snapshots and pool states are read here, on the event loop; device figures off it.
+        pools = await state.metrics.pools.read(
+            state.settings.pools, state.gatekeeper.snapshot(), dict(state.pool_control.states)
+        )
+        return Response(state.metrics.render(pools), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return metrics_routes

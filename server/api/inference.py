@@ -73,23 +73,34 @@ class InferenceService:
         to the whole reservation if the client left mid-generation (the engine's work is unknown).
         """
         principal = principal_of(request)
-        admission = await self.gatekeeper.admit(
-            principal,
-            pool=engine.info.pool,
-            request_id=meta.id,
-            tokens=sum(len(g.prompt_token_ids) + g.options.n * g.options.max_tokens for g in gens),
-            client_addr=client_addr(request),
-        )
+        # The engine outlives a hot swap (`EngineHub.retire`) until this response lets go of it.
+        hold = self.hub.hold(engine)
+        try:
+            admission = await self.gatekeeper.admit(
+                principal,
+                pool=engine.info.pool,
+                request_id=meta.id,
+                tokens=sum(len(g.prompt_token_ids) + g.options.n * g.options.max_tokens for g in gens),
+                client_addr=client_addr(request),
+            )
+        except BaseException:
+            hold.release()
+            raise
         try:
             gens, mark = await self.marker.mark(principal, engine, gens)
         except BaseException:
+            hold.release()
             await admission.finish(0)  # nothing was generated: refund the whole reservation
             raise
         headers = {**meta.headers(), **admission.headers, **mark}
         tally = Tally()
         if stream is not None:
-            body_iter = stream(tally, gens)
-            return EventStreamResponse(body_iter, headers=headers, on_close=lambda: admission.finish(tally.used))
+
+            async def close() -> None:
+                hold.release()
+                await admission.finish(tally.used)
+
+            return EventStreamResponse(stream(tally, gens), headers=headers, on_close=close)
         assert complete is not None
         try:
             body = await cancel_on_disconnect(request, complete(tally, gens))
@@ -99,5 +110,7 @@ class InferenceService:
         except BaseException:
             await admission.finish(tally.used)
             raise
+        finally:
+            hold.release()
         await admission.finish(tally.used)
         return JSONResponse(body, headers=headers)

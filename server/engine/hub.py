@@ -40,7 +40,56 @@ class EngineHub:
 
     def __init__(self) -> None:
         self._engines: dict[str, Engine] = {}
+        self._holds: dict[int, int] = {}  # id(engine) -> responses still using it
+        self._retiring: set[Engine] = set()  # replaced engines draining before they stop
         self.start_error: str | None = None
+        self.swap_errors: dict[str, str] = {}  # model -> why its newly active version is not served yet
+
+    # -- hot swap --------------------------------------------------------------------------------------
+    def hold(self, engine: Engine) -> Hold:
+        """Mark `engine` in use by one response until `release()`: a replaced engine stops only when no
+        response holds it, so a swap never cuts a request that was admitted on the old version."""
+        self._holds[id(engine)] = self._holds.get(id(engine), 0) + 1
+        return Hold(self, engine)
+
+    def _release(self, engine: Engine) -> None:
+        left = self._holds.get(id(engine), 0) - 1
+        if left > 0:
+            self._holds[id(engine)] = left
+        else:
+            self._holds.pop(id(engine), None)
+
+    def holds(self, engine: Engine) -> int:
+        return self._holds.get(id(engine), 0)
+
+    def replace(self, engine: Engine) -> Engine | None:
+        """Serve `engine` for its model from now on; the engine it replaces (returned) starts retiring."""
+        old = self._engines.get(engine.info.name)
+        self._engines[engine.info.name] = engine
+        self.swap_errors.pop(engine.info.name, None)
+        if old is not None:
+            self._retiring.add(old)
+        return old
+
+    async def retire(self, old: Engine, grace_seconds: float, poll_seconds: float = 0.05) -> bool:
+        """Wait until no response holds `old` and it runs nothing (at most `grace_seconds`), then stop it.
+        True if it drained; False if the grace ran out and what was left was cancelled."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_seconds
+        drained = False
+        while loop.time() < deadline:
+            stats = old.stats()
+            if self.holds(old) == 0 and stats.running == 0 and stats.waiting == 0:
+                drained = True
+                break
+            await asyncio.sleep(poll_seconds)
+        if not drained:
+            log.warning("engine %s did not drain in %.0f s; stopping it", old.info.fingerprint, grace_seconds)
+        try:
+            await old.stop()
+        finally:
+            self._retiring.discard(old)
+        return drained
 
     def add(self, engine: Engine) -> None:
         if engine.info.name in self._engines:
@@ -76,4 +125,19 @@ class EngineHub:
             await engine.start()
 
     async def stop(self) -> None:
-        await asyncio.gather(*(e.stop() for e in self._engines.values()), return_exceptions=True)
+        engines = [*self._engines.values(), *self._retiring]
+        await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
+
+
+class Hold:
+    """One response's use of one engine (`EngineHub.hold`); `release` is idempotent."""
+
+    __slots__ = ("_engine", "_hub", "_released")
+
+    def __init__(self, hub: EngineHub, engine: Engine) -> None:
+        self._hub, self._engine, self._released = hub, engine, False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._hub._release(self._engine)

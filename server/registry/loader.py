@@ -99,3 +99,12 @@ def load_verified(settings: Settings, model: ModelSettings, db: Database, *, pro
         integrity_check=manifest.assert_unchanged,
     )
     return LoadedModel(info, manifest)
+
+
+def active_digests(settings: Settings, db: Database) -> dict[str, str | None]:
+    """Each configured model's active version digest (what every replica should serve), None if it has none."""
+    from server.registry import catalog
+
+    with db.session() as session:
+        views = {m.name: catalog.active_version(session, m.name) for m in settings.models}
+    return {name: view["digest"] if view else None for name, view in views.items()}

@@ -113,11 +113,22 @@ async def evaluate_version(name: str, version: str, request: Request) -> dict[st
 async def promote_version(name: str, version: str, request: Request) -> dict[str, Any]:
     from server.registry import catalog
 
-    return await _registry(request, lambda s, a: catalog.promote(s, name, version, a))
+    view = await _registry(request, lambda s, a: catalog.promote(s, name, version, a))
+    _poke_swapper(request)
+    return view
 
 
 @router.post("/{name}/rollback", dependencies=[requires("models:promote")])
 async def rollback_model(name: str, request: Request) -> dict[str, Any]:
     from server.registry import catalog
 
-    return await _registry(request, lambda s, a: catalog.rollback(s, name, a))
+    view = await _registry(request, lambda s, a: catalog.rollback(s, name, a))
+    _poke_swapper(request)
+    return view
+
+
+def _poke_swapper(request: Request) -> None:
+    """This replica swaps its engine at once; the others within their next poll (a second)."""
+    swapper = getattr(request.app.state, "swapper", None)
+    if swapper is not None:
+        swapper.poke()
