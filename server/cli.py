@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_identity_commands(sub, add)
     _add_watermark_commands(sub, add)
+    _add_limits_commands(sub, add)
 
     routes = add("routes", cmd_routes, "list every route with its required permission")
     routes.add_argument("--json", action="store_true", help="print as JSON")
@@ -204,6 +205,36 @@ def _add_watermark_commands(sub: argparse._SubParsersAction, add: Callable[..., 
         )
         p.add_argument("key_id")
         p.add_argument("--reason", default="", required=verb == "exempt")
+
+
+def _add_limits_commands(sub: argparse._SubParsersAction, add: Callable[..., argparse.ArgumentParser]) -> None:
+    from server.identity.cli import run
+    from server.policy import cli as limits
+
+    group = sub.add_parser("limits", help="limits of a key, user or org", description="limits of a key, user or org")
+    limits_sub = group.add_subparsers(dest="limits_command", required=True)
+    scope_help = "key:<id>, user:<id> or org:<id>"
+    show = add(
+        "show", lambda a: run(limits.show, _settings(a), a), "a scope's limits (and usage with Redis)", limits_sub
+    )
+    show.add_argument("scope", help=scope_help)
+    show.add_argument("--json", action="store_true")
+    put = add(
+        "set",
+        lambda a: run(limits.set_limits, _settings(a), a),
+        "replace a scope's limits (audited); limits not given are removed from the scope",
+        limits_sub,
+    )
+    put.add_argument("scope", help=scope_help)
+    for name, text in (
+        ("rpm", "requests per minute"),
+        ("tpm", "tokens per minute"),
+        ("tpd", "tokens per UTC day"),
+        ("concurrent", "requests in flight"),
+    ):
+        put.add_argument(f"--{name}", type=int, metavar="N", help=text)
+    put.add_argument("--reason", default="", help="recorded in the audit event")
+    put.add_argument("--json", action="store_true")
 
 
 def cmd_routes(args: argparse.Namespace) -> int:

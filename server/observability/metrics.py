@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine.types import Engine
+from server.observability.pools import PoolCollector, PoolReading, PoolTelemetry
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class Metrics:
-    """The server's counters and histograms."""
+    """The server's counters and histograms; pool and device gauges are read per scrape (`pools`)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.pools = PoolTelemetry()
         self.requests = Counter(
             "server_requests",
             "HTTP requests by route, method and status",
@@ -58,8 +61,20 @@ class Metrics:
         self.prompt_tokens.labels(model).inc(prompt)
         self.completion_tokens.labels(model).inc(completion)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, pools: Sequence[PoolReading] = ()) -> bytes:
+        """The exposition text: the registry, plus the pool readings taken for this scrape."""
+        return generate_latest(_Scrape(self.registry, PoolCollector(pools)))
+
+
+class _Scrape(Collector):
+    """Several collectors exposed as one, without registering per-scrape ones in the app's registry."""
+
+    def __init__(self, *collectors: Collector) -> None:
+        self._collectors = collectors
+
+    def collect(self) -> Iterator[Metric]:
+        for collector in self._collectors:
+            yield from collector.collect()
 
 
 class _EngineCollector(Collector):

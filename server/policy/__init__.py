@@ -8,6 +8,8 @@
     pool_gate.py     per-replica, per-pool fair queue with per-key caps, drain and isolate
     admission.py     Admitter: store reservation + pool slot for one request, released exactly once
     errors.py        RateLimited (429), LimiterUnavailable (503), PoolBusy (429/503)
+    overrides.py     a scope's configured limits, read and set (audited) for the admin API and the CLI
+    cli.py           `python -m server limits show|set`
 
 Nothing is imported here eagerly, so importing the package never pulls in redis.
 """

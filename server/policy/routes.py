@@ -17,16 +17,11 @@ from pydantic import Field
 
 from server.api.body import read_body
 from server.api.protocol import StrictModel, parse_request
-from server.audit.service import record
 from server.engine.telemetry import pool_devices
-from server.errors import InvalidRequest, NotFound
-from server.identity.apikeys import bump_credentials
 from server.identity.authn import client_addr, principal_of
 from server.identity.authz import requires
-from server.identity.models import ApiKey, Organization, User
-from server.identity.principal import Principal
 from server.policy.limits import Limits
-from server.policy.models import LimitOverride
+from server.policy.overrides import compact_limits, read_limits, write_limits
 
 router = APIRouter(prefix="/v1/admin")
 _LIMIT = Field(default=None, ge=0)
@@ -44,32 +39,10 @@ class PoolAction(StrictModel):
     reason: str = Field(default="", max_length=500)
 
 
-def _scope_org(session: Any, principal: Principal, scope: str) -> tuple[str, str, Any]:
-    """(kind, id, row) of a scope the caller may see; others' scopes are 404."""
-    kind, _, ident = scope.partition(":")
-    model = {"key": ApiKey, "user": User, "org": Organization}.get(kind)
-    if model is None or not ident:
-        raise InvalidRequest("A scope is key:<id>, user:<id> or org:<id>.", param="scope")
-    row = session.get(model, ident)
-    org_id = getattr(row, "org_id", None) if kind != "org" else getattr(row, "id", None)
-    if row is None or not principal.may_access_org(org_id):
-        raise NotFound(f"Scope {scope!r} not found.")
-    return kind, ident, row
-
-
 @router.get("/limits/{scope}", dependencies=[requires("usage:read")])
 async def get_limits(scope: str, request: Request) -> dict[str, Any]:
     p, state = principal_of(request), request.app.state
-
-    def read() -> dict[str, Any]:
-        with state.db.session() as session:
-            kind, _, row = _scope_org(session, p, scope)
-            if kind == "key":
-                return dict(row.limits or {})
-            override = session.get(LimitOverride, scope)
-            return dict(override.limits) if override else {}
-
-    limits = await asyncio.to_thread(read)
+    limits = await asyncio.to_thread(read_limits, state.db, scope, p.may_access_org)
     usage = await state.gatekeeper.admitter.store.usage(scope)
     return {"object": "limits", "scope": scope, "limits": limits, "usage": usage}
 
@@ -77,44 +50,19 @@ async def get_limits(scope: str, request: Request) -> dict[str, Any]:
 @router.put("/limits/{scope}", dependencies=[requires("policy:write")])
 async def set_limits(scope: str, request: Request) -> dict[str, Any]:
     body = parse_request(LimitsBody, await read_body(request, 16 * 1024))
-    limits = Limits.from_dict(body.model_dump(exclude={"reason"})).to_dict()
+    limits = compact_limits(body.model_dump(exclude={"reason"}))
     p, state = principal_of(request), request.app.state
-    compact = {
-        k: v
-        for k, v in {"rpm": body.rpm, "tpm": body.tpm, "tpd": body.tpd, "concurrent": body.concurrent}.items()
-        if v is not None
-    }
 
     def write() -> None:
-        with state.db.session() as session:
-            kind, _, row = _scope_org(session, p, scope)
-            if kind == "key":
-                before = dict(row.limits or {})
-                row.limits = compact
-                bump_credentials(session)  # cached key records carry their limits
-            else:
-                override = session.get(LimitOverride, scope)
-                before = dict(override.limits) if override else {}
-                if override is None:
-                    override = LimitOverride(scope=scope, org_id=row.org_id if kind == "user" else row.id)
-                    session.add(override)
-                override.limits, override.changed_by = compact, p.user_id
-            record(
-                session,
-                p.actor(client_addr(request)),
-                "limits.set",
-                "success",
-                target_type="scope",
-                target_id=scope,
-                before=before,
-                after=compact,
-                reason=body.reason,
-            )
+        actor = p.actor(client_addr(request))
+        write_limits(
+            state.db, scope, limits, actor, changed_by=p.user_id, reason=body.reason, may_access_org=p.may_access_org
+        )
         state.authenticator.invalidate()
         state.gatekeeper.refresh()
 
     await asyncio.to_thread(write)
-    return {"object": "limits", "scope": scope, "limits": compact, "effective": limits}
+    return {"object": "limits", "scope": scope, "limits": limits, "effective": Limits.from_dict(limits).to_dict()}
 
 
 @router.get("/pools", dependencies=[requires("pools:read")])

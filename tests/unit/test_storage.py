@@ -36,9 +36,21 @@ def test_cli_db_upgrade_and_current(tmp_path):
     assert f'"current": "{head_revision(env_url)}"' in out.stdout, out.stdout + out.stderr
 
 
-@pytest.mark.parametrize(
-    "argv", [[], ["serve"], ["db"], ["db", "upgrade"], ["models"], ["models", "import-default"], ["models", "list"]]
-)
+def _subcommands(parser=None, prefix=()):  # type: ignore[no-untyped-def]
+    """Every command path of `python -m server`, from the parser itself (so none is forgotten)."""
+    import argparse
+
+    from server.cli import build_parser
+
+    parser = parser or build_parser()
+    yield list(prefix)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _subcommands(sub, (*prefix, name))
+
+
+@pytest.mark.parametrize("argv", list(_subcommands()), ids=lambda a: " ".join(a) or "(root)")
 def test_every_subcommand_has_help(argv):
     out = subprocess.run([sys.executable, "-m", "server", *argv, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "usage:" in out.stdout
