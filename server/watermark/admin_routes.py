@@ -72,17 +72,18 @@ async def rotate_key(request: Request) -> dict[str, Any]:
 
 @router.put("/exemptions/{key_id}", dependencies=[requires("watermark:admin")])
 async def exempt_key(key_id: str, request: Request) -> dict[str, Any]:
-    body = await _body(request, ExemptBody)
-    p, keys = principal_of(request), request.app.state.watermark_keys
-    within = None if p.is_owner else p.org_id
-    await asyncio.to_thread(keys.exempt, key_id, p.actor(client_addr(request)), body.reason, within_org=within)
-    return {"object": "watermark.exemption", "api_key_id": key_id, "exempt": True}
+    return await _set_exemption(request, key_id, exempt=True)
 
 
 @router.delete("/exemptions/{key_id}", dependencies=[requires("watermark:admin")])
 async def unexempt_key(key_id: str, request: Request) -> dict[str, Any]:
-    body = await _body(request, UnexemptBody)
+    return await _set_exemption(request, key_id, exempt=False)
+
+
+async def _set_exemption(request: Request, key_id: str, *, exempt: bool) -> dict[str, Any]:
+    body = await _body(request, ExemptBody if exempt else UnexemptBody)
     p, keys = principal_of(request), request.app.state.watermark_keys
-    within = None if p.is_owner else p.org_id
-    await asyncio.to_thread(keys.unexempt, key_id, p.actor(client_addr(request)), body.reason, within_org=within)
-    return {"object": "watermark.exemption", "api_key_id": key_id, "exempt": False}
+    change = keys.exempt if exempt else keys.unexempt
+    within = None if p.is_owner else p.org_id  # an organization's admin: its own API keys only
+    await asyncio.to_thread(change, key_id, p.actor(client_addr(request)), body.reason, within_org=within)
+    return {"object": "watermark.exemption", "api_key_id": key_id, "exempt": exempt}

@@ -14,6 +14,27 @@ from server.watermark.transport import KeySealer
 from server.watermark.types import KeyMaterial
 
 VOCAB = 1500
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def fake_app(tmp_path, **overrides):  # type: ignore[no-untyped-def]
+    """The whole app over the in-process engine (one model, `MODEL`), with a fast password hasher."""
+    import hashlib
+    from pathlib import Path
+
+    from server.app import create_app
+    from server.engine.fake import FakeEngine
+    from server.engine.types import ModelInfo
+    from server.identity.passwords import PasswordHasher
+    from server.settings import load_settings
+
+    info = ModelInfo(MODEL, "v1", hashlib.sha256(b"fake model").hexdigest(), Path("."), 512, "cpu", 1_700_000_000)
+    return create_app(
+        load_settings(data_dir=tmp_path, engine="fake", **overrides),
+        engine_factory=lambda info: FakeEngine(info),
+        resolver=lambda s, db: [info],
+        password_hasher=PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1),
+    )
 
 
 def material(scheme: str = "kgw-selfhash", key_id: str = "wk_00000000000a", key: bytes | None = None) -> KeyMaterial:

@@ -11,18 +11,14 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from server.app import create_app
 from server.engine.fake import FakeEngine
 from server.engine.types import GenerationRequest, ModelInfo, SamplingOptions
 from server.identity import service
 from server.identity.apikeys import create_key
-from server.identity.passwords import PasswordHasher
 from server.identity.principal import Principal
-from server.settings import load_settings
 from server.watermark.marking import RequestMarker
 from server.watermark.request import parse_wm
-
-MODEL = "SmolLM2-135M-Instruct"
+from tests.watermark.conftest import MODEL, fake_app
 
 
 def _info() -> ModelInfo:
@@ -31,13 +27,7 @@ def _info() -> ModelInfo:
 
 @pytest.fixture
 def app(tmp_path):
-    settings = load_settings(data_dir=tmp_path, engine="fake")
-    app = create_app(
-        settings,
-        engine_factory=lambda info: FakeEngine(info),
-        resolver=lambda s, db: [_info()],
-        password_hasher=PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1),
-    )
+    app = fake_app(tmp_path)
     with TestClient(app) as client:
         app.state.client = client
         yield app

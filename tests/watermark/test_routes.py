@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
-from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
 
-from server.app import create_app
-from server.engine.fake import FakeEngine
-from server.engine.types import ModelInfo
 from server.identity import service
 from server.identity.apikeys import create_key
-from server.identity.passwords import PasswordHasher
-from server.settings import load_settings
 from server.watermark.routes import DetectLimiter
-from tests.watermark.conftest import generate
+from tests.watermark.conftest import MODEL, fake_app, generate
 
-MODEL = "SmolLM2-135M-Instruct"
 FIELDS = {"detected", "scheme", "key_id", "p_value", "z", "tokens_scored", "green_fraction"}
-
-
-def _info() -> ModelInfo:
-    digest = hashlib.sha256(b"fake model").hexdigest()
-    return ModelInfo(MODEL, "v1", digest, Path("."), 512, "cpu", 1_700_000_000)
 
 
 def _key(app, scopes: list[str]) -> str:
@@ -39,13 +26,7 @@ def _key(app, scopes: list[str]) -> str:
 
 @pytest.fixture
 def client(tmp_path):
-    settings = load_settings(data_dir=tmp_path, engine="fake", watermark={"detect_requests_per_minute": 6})
-    app = create_app(
-        settings,
-        engine_factory=lambda info: FakeEngine(info),
-        resolver=lambda s, db: [_info()],
-        password_hasher=PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1),
-    )
+    app = fake_app(tmp_path, watermark={"detect_requests_per_minute": 6})
     with TestClient(app) as c:
         deadline = time.time() + 10
         while not app.state.hub.ready() and time.time() < deadline:
