@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,26 +52,33 @@ def import_default(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def import_model(settings: Settings, args: argparse.Namespace) -> int:
+    """Import a folder; with --convert-pickle its pickled weights are first scanned and converted to safetensors."""
     from server.registry import catalog
     from server.registry.loader import signer
     from server.registry.store import BlobStore
 
-    provenance = {
+    provenance: dict[str, Any] = {
         k: v
         for k, v in {"source": str(args.folder), "dataset": args.dataset, "base_model": args.base_model}.items()
         if v
     }
-    with _db(settings) as db, db.session() as session:
-        view = catalog.import_version(
-            session,
-            BlobStore(settings.data_dir),
-            args.name,
-            args.folder,
-            provenance=provenance,
-            signer=signer(settings),
-            actor=Actor.system(),
-        )
-    _print(args, view, f"{view['name']} {view['version']} sha256:{view['digest']} ({view['state']})")
+    store = BlobStore(settings.data_dir)
+    with ExitStack() as stack:
+        folder = args.folder
+        if args.convert_pickle:
+            from server.registry.convert import converted_folder
+
+            conversion = stack.enter_context(converted_folder(store, args.folder))
+            folder, provenance["converted_from_pickle"] = conversion.folder, conversion.record
+        with _db(settings) as db, db.session() as session:
+            view = catalog.import_version(
+                session, store, args.name, folder, provenance=provenance, signer=signer(settings), actor=Actor.system()
+            )
+    text = f"{view['name']} {view['version']} sha256:{view['digest']} ({view['state']})"
+    converted = view["provenance"].get("converted_from_pickle")
+    if converted:
+        text += f", converted from {', '.join(p['name'] for p in converted['pickles'])}"
+    _print(args, view, text)
     return 0
 
 
@@ -202,6 +209,13 @@ def add_commands(models_sub: argparse._SubParsersAction, bind: Callable[..., Any
     p.add_argument("folder", type=Path)
     p.add_argument("--dataset", help="training data provenance (recorded in the BOM)")
     p.add_argument("--base-model", help="base model provenance (recorded in the BOM)")
+    p.add_argument(
+        "--convert-pickle",
+        action="store_true",
+        help="convert pickled torch weights (.bin .pt .pth .ckpt .pkl) to safetensors: each file is scanned with "
+        "fickling first (any finding refuses the import, nothing is loaded), then loaded with torch's weights-only "
+        "unpickler; the safetensors are signed, the pickles are not stored, and the BOM records their SHA-256",
+    )
     add("list", list_models, "list models and their versions")
     add("show", show, "one model: active version (digest, stored path) and all versions").add_argument("name")
     p = add(

@@ -15,9 +15,10 @@ weight loader), and some formats execute code when read. We accept only formats 
 - inert text (README, LICENSE, ``*.md``, ``*.txt``, ``merges.txt``, ``.gitattributes``), which must be UTF-8.
 
 Everything else is refused, most importantly pickle formats (``.bin``, ``.pt``, ``.pth``, ``.ckpt``,
-``.pkl``...: unpickling runs code; ``convert_pickle_to_safetensors`` converts one only after a clean scan),
-code (``.py``: remote-code hooks), GGUF (accepted only through the import conversion), symlinks, hidden
-paths and special files. Refusal reasons name the file and the rule, so an operator can act on them.
+``.pkl``...: unpickling runs code; ``models import --convert-pickle`` converts torch checkpoints to safetensors
+after a clean scan, see ``server.registry.convert``), code (``.py``: remote-code hooks), GGUF (accepted only
+through the import conversion), symlinks, hidden paths and special files. Refusal reasons name the file and
+the rule, so an operator can act on them.
 """
 
 from __future__ import annotations
@@ -35,14 +36,11 @@ from typing import Any
 __all__ = [
     "SAFETENSORS_DTYPES",
     "FormatRefused",
-    "PickleScan",
     "SafetensorsHeader",
     "check_folder",
-    "convert_pickle_to_safetensors",
     "enforce_folder",
     "parse_strict_json",
     "render_chat_template_sandboxed",
-    "scan_pickle",
     "validate_safetensors_header",
 ]
 
@@ -56,6 +54,8 @@ SAFETENSORS_DTYPES = {
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".npy", ".npz", ".h5"})
+# The pickle formats torch.load reads: the ones `models import --convert-pickle` converts (server.registry.convert).
+TORCH_PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 CODE_SUFFIXES = frozenset({".py", ".pyc", ".pyo", ".pyd", ".so", ".dll", ".dylib", ".sh", ".ipynb", ".js", ".exe"})
 TEXT_NAMES = frozenset({"merges.txt", "LICENSE", "NOTICE", "README", ".gitattributes"})
 TEXT_SUFFIXES = frozenset({".md", ".txt"})
@@ -244,10 +244,12 @@ def _kind(name: str) -> str:
     if any(part.startswith(".") for part in path.parts) and name != ".gitattributes":
         raise FormatRefused(f"{name}: hidden paths are refused (remove .git/.cache folders before import)")
     if suffix in PICKLE_SUFFIXES:
-        raise FormatRefused(
-            f"{name}: pickle format {suffix} is refused (unpickling runs code); an operator may convert it to "
-            "safetensors after a clean fickling scan (convert_pickle_to_safetensors)"
+        remedy = (
+            "to convert it to safetensors after a clean fickling scan, import with --convert-pickle"
+            if suffix in TORCH_PICKLE_SUFFIXES
+            else "convert it to safetensors before import"
         )
+        raise FormatRefused(f"{name}: pickle format {suffix} is refused (unpickling runs code); {remedy}")
     if suffix in CODE_SUFFIXES:
         raise FormatRefused(f"{name}: code files are refused (trust_remote_code is always off)")
     if suffix == ".gguf":
@@ -444,96 +446,3 @@ def _templates_in(name: str, data: Any) -> list[tuple[str, Any]]:
             for i, item in enumerate(value)
         ]
     return [(f"{name}: chat_template", value)]
-
-
-@dataclass(frozen=True)
-class PickleScan:
-    """fickling's verdict on a pickle file: ``safe`` only when every pickle in it is LIKELY_SAFE."""
-
-    path: Path
-    safe: bool
-    severity: str
-    findings: tuple[str, ...]
-
-
-def scan_pickle(path: Path) -> PickleScan:
-    """Scan a raw pickle or a torch zip checkpoint (every ``*.pkl`` member) with fickling, without loading it.
-
-    fickling's default analyses flag every torch checkpoint (any non-stdlib import, any call to one, and its
-    interpreter sees the rebuilt tensors as unused variables). We replace the import rule with fickling's ML
-    allowlist, which is stricter: every import, stdlib included, must be a known-inert ML name (tensor
-    rebuilders, storages, OrderedDict...). Since a pickle can only call what it imports, a plain call to an
-    allowlisted name is then not a finding; overtly bad calls (eval, exec, open...) still are, as are unsafe
-    imports, scanner deactivation, expansion attacks and malformed opcodes. A file fickling cannot parse is
-    unsafe.
-    """
-    import io
-    import zipfile
-
-    from fickling.analysis import Analysis, Analyzer, NonStandardImports, Severity, UnusedVariables, check_safety
-    from fickling.fickle import StackedPickle
-    from fickling.ml import MLAllowlist
-
-    path = Path(path)
-    analyses = [a for a in Analysis.ALL if not isinstance(a, NonStandardImports | UnusedVariables)]
-    analyzer = Analyzer([*analyses, MLAllowlist()])
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            blobs = [(f"{path.name}:{n}", archive.read(n)) for n in archive.namelist() if n.endswith(".pkl")]
-    else:
-        with path.open("rb") as handle:
-            blobs = [(path.name, handle.read())]
-    severity, findings = Severity.LIKELY_SAFE, []
-    if not blobs:
-        severity, findings = Severity.SUSPICIOUS, ["no pickle found in the archive"]
-    for name, data in blobs:
-        try:
-            results = [check_safety(p, analyzer=analyzer) for p in StackedPickle.load(io.BytesIO(data))]
-        except Exception as exc:  # a pickle the scanner cannot parse is a pickle we cannot vouch for
-            severity = max(severity, Severity.LIKELY_UNSAFE)
-            findings.append(f"{name}: cannot be parsed ({type(exc).__name__}: {exc})")
-            continue
-        for result in results:
-            for finding in result.results:
-                allowed_call = finding.analysis_name == "OvertlyBadEval" and finding.severity == Severity.LIKELY_UNSAFE
-                if finding.severity > Severity.LIKELY_SAFE and not allowed_call:
-                    severity = max(severity, finding.severity)
-                    findings.append(f"{name}: {finding}")
-    return PickleScan(
-        path=path, safe=severity == Severity.LIKELY_SAFE, severity=severity.name, findings=tuple(findings)
-    )
-
-
-def convert_pickle_to_safetensors(src: Path, dst: Path) -> Path:
-    """Convert a pickled state dict to safetensors, only after a clean scan; the result is what gets signed.
-
-    Two independent guards: fickling must find nothing, and torch then loads with ``weights_only=True``
-    (a restricted unpickler that only rebuilds tensors and containers). Anything but a flat name -> tensor
-    map is refused, and the output header is validated like any imported file.
-    """
-    src, dst = Path(src), Path(dst)
-    scan = scan_pickle(src)
-    if not scan.safe:
-        detail = "; ".join(scan.findings[:5]) or scan.severity
-        raise FormatRefused(f"{src.name}: pickle scan found {scan.severity} content, not converted: {detail}")
-    import torch
-    from safetensors.torch import save_file
-
-    loaded = torch.load(src, map_location="cpu", weights_only=True)
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]
-    if not (
-        isinstance(loaded, dict)
-        and loaded
-        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items())
-    ):
-        raise FormatRefused(f"{src.name}: not a flat name -> tensor state dict; not converted")
-    tensors = {name: tensor.detach().contiguous().clone() for name, tensor in loaded.items()}  # no shared storage
-    partial = dst.with_name(f"{dst.name}.partial-{os.getpid()}")
-    try:
-        save_file(tensors, str(partial))
-        validate_safetensors_header(partial)
-        os.replace(partial, dst)
-    finally:
-        partial.unlink(missing_ok=True)
-    return dst

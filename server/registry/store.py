@@ -29,6 +29,8 @@ import re
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from server.registry.digest import FileDigest, UnsafeModelFolder, digest_folder
 from server.registry.format_policy import enforce_folder
 from server.registry.signing import Signer, Trust, VerificationFailed, VerifiedManifest, sign_folder, verify_folder
 
-__all__ = ["META_FILES", "BlobStore", "StoredVersion"]
+__all__ = ["META_FILES", "BlobStore", "StoredVersion", "copy_tree"]
 
 META_FILES = frozenset({"signature.sig", "bom.json", "bom.sig"})
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -88,12 +90,9 @@ class BlobStore:
         Raises ``UnsafeModelFolder`` for a symlink or special file and ``FormatRefused`` when the policy
         refuses the folder; nothing is left behind in either case.
         """
-        for folder in (self.blobs_dir, self.tmp_dir, self.root / "meta"):
-            folder.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix="import-", dir=self.tmp_dir))
-        try:
+        with self.staging("import-") as staging:
             copy = staging / "model"
-            _copy_tree(Path(src), copy)
+            copy_tree(Path(src), copy)
             if policy:
                 enforce_folder(copy)
             digest = digest_folder(copy)
@@ -109,6 +108,18 @@ class BlobStore:
                 os.chmod(target, 0o555)  # noqa: S103 - read-only; the data dir mode limits who reaches it
             size = sum(f.size for f in digest.files)
             return StoredVersion(digest=digest.root, path=target, files=digest.files, size_bytes=size, created=created)
+
+    @contextmanager
+    def staging(self, prefix: str) -> Iterator[Path]:
+        """A fresh private (0700) folder under ``tmp/``, removed on exit whatever happened.
+
+        It is on the blobs' filesystem, so a finished folder moves into ``blobs/`` with one rename.
+        """
+        for folder in (self.blobs_dir, self.tmp_dir, self.root / "meta"):
+            folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp_dir))
+        try:
+            yield staging
         finally:
             _remove(staging)
 
@@ -173,8 +184,11 @@ def _checked(digest: str) -> str:
     return digest
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
-    """Copy a directory tree, opening every entry relative to its parent without following symlinks."""
+def copy_tree(src: Path, dst: Path) -> None:
+    """Copy a directory tree, opening every entry relative to its parent without following symlinks.
+
+    Raises ``UnsafeModelFolder`` for a symlink or special file anywhere in the tree.
+    """
     try:
         fd = os.open(src, _DIR_FLAGS)
     except OSError as exc:

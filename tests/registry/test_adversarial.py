@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 from jinja2.sandbox import SecurityError
 
+from server.registry.convert import convert_pickle_to_safetensors, scan_pickle
 from server.registry.format_policy import (
     FormatRefused,
     check_folder,
-    convert_pickle_to_safetensors,
     render_chat_template_sandboxed,
-    scan_pickle,
 )
 from server.registry.signing import VerificationFailed, sign_folder, verify_folder
 from server.registry.store import BlobStore

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from server.registry.convert import convert_pickle_to_safetensors, scan_pickle
 from server.registry.format_policy import (
     FormatRefused,
     check_folder,
-    convert_pickle_to_safetensors,
     enforce_folder,
     render_chat_template_sandboxed,
-    scan_pickle,
     validate_safetensors_header,
 )
 from tests.registry.conftest import SHARDS, TEMPLATE, safetensors_bytes
