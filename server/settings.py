@@ -23,6 +23,7 @@ from server.watermark.settings import WatermarkSettings
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.toml"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_EVALUATION_SUITE = REPO_ROOT / "configs" / "eval" / "default.toml"
 
 
 class PoolSettings(BaseModel):
@@ -125,6 +126,19 @@ class AdmissionSettings(BaseModel):
     lease_seconds: int = Field(default=600, ge=10)
 
 
+class EvaluationSettings(BaseModel):
+    """The pre-promotion suite `models evaluate` runs on a version's verified bytes (server/registry/evaluation.py)."""
+
+    model_config = {"extra": "forbid"}
+
+    # Canaries, backdoor-trigger probes and drift probes with their thresholds; its SHA-256 is recorded with
+    # every result.
+    suite: Path = DEFAULT_EVALUATION_SUITE
+    # "auto": CUDA when torch sees a GPU, else CPU. On a host whose GPU memory vLLM already holds, use "cpu".
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
 class RegistrySettings(BaseModel):
     """Model supply chain: who signs imports here, and whose signatures the engine accepts."""
 
@@ -137,6 +151,7 @@ class RegistrySettings(BaseModel):
     # (development only; production refuses to start without an explicit list).
     pinned_public_keys: list[Path] = Field(default_factory=list)
     pinned_ca_certificates: list[Path] = Field(default_factory=list)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
 
 
 class Settings(BaseSettings):

@@ -177,17 +177,20 @@ def verify_version(
 
 
 def record_evaluation(
-    session: Session, name: str, version: str, results: dict[str, Any], passed: bool, actor: Actor
+    session: Session, name: str, version: str, results: dict[str, Any], passed: bool, actor: Actor, **audit: Any
 ) -> dict[str, Any]:
-    """Record evaluation results; a pass moves a verified version to ``evaluated`` (a failure keeps it out)."""
+    """Record evaluation results: a pass moves a verified version to ``evaluated``; a failure moves it (back)
+    to ``verified``, so the latest evaluation is always the one that decides whether it may be promoted.
+
+    ``audit`` adds details to the ``registry.evaluate`` event (server/registry/evaluation.py names the suite).
+    """
     row, meta = _version(session, name, version)
     if meta.state not in ("verified", "evaluated"):
         raise InvalidTransition(f"{name} {row.version} is {meta.state}; only a verified version can be evaluated")
     meta.eval_results, meta.eval_passed, meta.evaluated_at = results, passed, utcnow()
-    if passed:
-        meta.state = "evaluated"
+    meta.state = "evaluated" if passed else "verified"
     outcome = "success" if passed else "failure"
-    record(session, actor, "registry.evaluate", outcome, **_target(name), version=row.version, passed=passed)
+    record(session, actor, "registry.evaluate", outcome, **_target(name), version=row.version, passed=passed, **audit)
     return _view(session, row)
 
 

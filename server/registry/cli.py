@@ -141,12 +141,62 @@ def sign(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def evaluate(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the pre-promotion suite on the version's verified stored bytes and record it; exit 1 unless passed.
+
+    ``--results FILE`` records an operator's results instead, marked as such (``suite: null``): a local
+    operator owns the data directory anyway; the admin API can only run the suite.
+    """
+    if (args.results is None and args.failed) or (args.results is not None and (args.suite or args.accept_drift)):
+        print("error: --failed goes with --results; --suite and --accept-drift with a suite run", file=sys.stderr)
+        return 2
+    if args.results is not None:
+        return _record_evaluation(settings, args)
+    from server.registry.evaluation import evaluate_version
+    from server.registry.loader import trust
+    from server.registry.store import BlobStore
+
+    with _db(settings) as db:
+        view = evaluate_version(
+            db,
+            BlobStore(settings.data_dir),
+            args.name,
+            args.version,
+            trust=trust(settings),
+            settings=settings.registry.evaluation,
+            actor=Actor.system(),
+            suite_path=args.suite,
+            accept_drift=args.accept_drift,
+        )
+    results = view["eval_results"]
+    suite, verdict = results["suite"], "passed" if view["eval_passed"] else "FAILED"
+    about = f"suite {suite['name']} sha256:{suite['sha256'][:12]}, {results['seconds']} s"
+    lines = [f"{view['name']} {view['version']}: evaluation {verdict} ({about}), now {view['state']}"]
+    lines += [f"  {failure}" for failure in results["failures"]]
+    if results.get("drift", {}).get("status") == "accepted":
+        lines.append(f"  drift against the active version accepted: mean JS {results['drift']['mean_js']} bits")
+    _print(args, view, "\n".join(lines))
+    return 0 if view["eval_passed"] else 1
+
+
+def _record_evaluation(settings: Settings, args: argparse.Namespace) -> int:
     from server.registry import catalog
 
-    results = json.loads(Path(args.results).read_text()) if args.results else {"suite": "manual"}
+    try:
+        supplied = json.loads(Path(args.results).read_text())
+    except ValueError as exc:
+        print(f"error: {args.results} is not JSON: {exc}", file=sys.stderr)
+        return 1
+    results = {
+        "suite": None,
+        "recorded": True,
+        "note": "results supplied by a local operator with --results; the suite did not run",
+        "supplied": supplied,
+    }
     with _db(settings) as db, db.session() as session:
-        view = catalog.record_evaluation(session, args.name, args.version, results, not args.failed, Actor.system())
-    _print(args, view, f"{view['name']} {view['version']}: {view['state']}")
+        view = catalog.record_evaluation(
+            session, args.name, args.version, results, not args.failed, Actor.system(), recorded=True
+        )
+    _print(args, view, f"{view['name']} {view['version']}: {view['state']} (operator-supplied results; suite not run)")
     return 0
 
 
@@ -234,11 +284,26 @@ def add_commands(models_sub: argparse._SubParsersAction, bind: Callable[..., Any
         p = add(name, func, text)
         p.add_argument("name")
         p.add_argument("version")
-    p = add("evaluate", evaluate, "record a version's pre-promotion evaluation")
+    p = add(
+        "evaluate",
+        evaluate,
+        "run the pre-promotion suite (canaries, backdoor-trigger probes, drift against the active version) "
+        "on a version's signature-verified stored bytes and record the result; exits 1 unless it passed",
+    )
     p.add_argument("name")
     p.add_argument("version")
-    p.add_argument("--results", help="JSON file with the results")
-    p.add_argument("--failed", action="store_true", help="record the evaluation as failed")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--run", action="store_true", help="run the suite (the default)")
+    mode.add_argument(
+        "--results", type=Path, help="instead, record these operator-supplied results (JSON), marked as not a suite run"
+    )
+    p.add_argument("--failed", action="store_true", help="with --results: record them as failed")
+    p.add_argument("--suite", type=Path, help="suite file (default: registry.evaluation.suite)")
+    p.add_argument(
+        "--accept-drift",
+        action="store_true",
+        help="after human review: accept drift past the suite's threshold (recorded with who accepted it)",
+    )
     add("rollback", rollback, "move the active alias back to the previous version").add_argument("name")
     p = add("bom", bom, "print a version's CycloneDX 1.6 ML-BOM (default: the active version)")
     p.add_argument("name")

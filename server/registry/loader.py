@@ -78,8 +78,11 @@ def load_verified(settings: Settings, model: ModelSettings, db: Database, *, pro
                 signer=signer(settings),
                 trust=pinned,
                 evaluation={
-                    "suite": "bootstrap",
-                    "note": "first import of the configured model; no pre-promotion suite ran",
+                    "suite": None,
+                    "passed": True,
+                    "trust_on_first_use": True,
+                    "note": "bootstrap: trust on first use, suite not run (first import of the configured model; "
+                    "later versions are promoted only after `models evaluate` ran the suite)",
                 },
                 actor=Actor.system(),
             )

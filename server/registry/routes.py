@@ -7,12 +7,10 @@ alias, which the engine serves from its next load (hot swap is not built yet: se
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
-from pydantic import Field
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 
@@ -27,20 +25,25 @@ router = APIRouter(prefix="/v1/admin/models")
 T = TypeVar("T")
 
 
-class Evaluation(StrictModel):
-    results: dict[str, Any] = Field(default_factory=dict)
-    passed: bool
+class EvaluationRun(StrictModel):
+    # After human review: accept drift against the active version past the suite's threshold (recorded).
+    accept_drift: bool = False
 
 
 async def _registry(request: Request, work: Callable[[Session, Actor], T]) -> T:
-    from server.registry.catalog import InvalidTransition, UnknownModel
-    from server.registry.signing import VerificationFailed
-
     actor = principal_of(request).actor(client_addr(request))
 
     def run() -> T:
         with request.app.state.db.session() as session:
             return work(session, actor)
+
+    return await _in_thread(run)
+
+
+async def _in_thread(run: Callable[[], T]) -> T:
+    """Run blocking registry work off the event loop and render its refusals as API errors."""
+    from server.registry.catalog import InvalidTransition, RegistryError, UnknownModel
+    from server.registry.signing import VerificationFailed
 
     try:
         return await asyncio.to_thread(run)
@@ -50,6 +53,8 @@ async def _registry(request: Request, work: Callable[[Session, Actor], T]) -> T:
         raise Conflict(str(exc)) from None
     except VerificationFailed as exc:
         raise InvalidRequest(f"verification failed: {exc.reason}", code="verification_failed") from None
+    except RegistryError as exc:
+        raise Conflict(exc.reason) from None
 
 
 def _store(request: Request) -> Any:
@@ -99,14 +104,37 @@ async def verify_model(name: str, request: Request) -> dict[str, Any]:
 
 @router.post("/{name}/versions/{version}/evaluate", dependencies=[requires("models:write")])
 async def evaluate_version(name: str, version: str, request: Request) -> dict[str, Any]:
-    from server.registry import catalog
+    """Run the pre-promotion suite on the version's verified stored bytes and record it (blocks a thread)."""
+    from server.registry import evaluation
+    from server.registry.loader import trust
 
-    body = parse_request(Evaluation, await read_body(request, 256 * 1024))
-    if len(json.dumps(body.results)) > 128 * 1024:
-        raise InvalidRequest("Evaluation results are limited to 128 KiB.", param="results")
-    return await _registry(
-        request, lambda s, a: catalog.record_evaluation(s, name, version, body.results, body.passed, a)
-    )
+    body = parse_request(EvaluationRun, await read_body(request, 4096, allow_empty=True))
+    settings, actor = request.app.state.settings, principal_of(request).actor(client_addr(request))
+    lock = _evaluation_lock(request)
+    if lock.locked():
+        raise Conflict("An evaluation is already running on this replica; retry when it has finished.")
+    async with lock:
+        return await _in_thread(
+            lambda: evaluation.evaluate_version(
+                request.app.state.db,
+                _store(request),
+                name,
+                version,
+                trust=trust(settings),
+                settings=settings.registry.evaluation,
+                actor=actor,
+                accept_drift=body.accept_drift,
+            )
+        )
+
+
+def _evaluation_lock(request: Request) -> asyncio.Lock:
+    """One evaluation at a time per replica: each one holds whole models in memory."""
+    state = request.app.state
+    lock = getattr(state, "registry_evaluation_lock", None)
+    if lock is None:
+        lock = state.registry_evaluation_lock = asyncio.Lock()
+    return lock
 
 
 @router.post("/{name}/versions/{version}/promote", dependencies=[requires("models:promote")])

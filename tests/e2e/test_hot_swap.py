@@ -89,10 +89,8 @@ def test_promote_and_rollback_under_streaming_load(live_server, default_model_di
     v2 = json.loads(imported.stdout)["version"]
     verified = s.cli("models", "verify", MODEL, "--version", v2)
     assert verified.returncode == 0, verified.stderr
-    results = tmp_path / "eval.json"
-    results.write_text(json.dumps({"suite": "e2e", "note": "hot-swap test"}))
-    evaluated = s.cli("models", "evaluate", MODEL, v2, "--results", str(results))
-    assert evaluated.returncode == 0, evaluated.stderr
+    evaluated = s.cli("models", "evaluate", MODEL, v2, "--json")  # runs the pre-promotion suite against v1
+    assert evaluated.returncode == 0, evaluated.stderr + evaluated.stdout
 
     stop, answers = threading.Event(), [[] for _ in range(CLIENTS)]
     threads = [threading.Thread(target=_stream_forever, args=(s, stop, answers[i], i)) for i in range(CLIENTS)]

@@ -89,6 +89,11 @@ def test_failed_evaluation_blocks_promotion(db, store, signer, trust, model) -> 
     assert view["state"] == "verified" and view["eval_passed"] is False
     with db.session() as s, pytest.raises(catalog.InvalidTransition):
         catalog.promote(s, "tiny", "v1", ACTOR)
+    with db.session() as s:  # the latest evaluation decides: a pass, then a failure, leaves it unpromotable
+        assert catalog.record_evaluation(s, "tiny", "v1", {"accuracy": 0.9}, True, ACTOR)["state"] == "evaluated"
+        assert catalog.record_evaluation(s, "tiny", "v1", {"accuracy": 0.1}, False, ACTOR)["state"] == "verified"
+    with db.session() as s, pytest.raises(catalog.InvalidTransition):
+        catalog.promote(s, "tiny", "v1", ACTOR)
 
 
 def test_reimport_is_idempotent_and_legacy_rows_are_adopted(db, store, signer, model, tmp_path) -> None:
