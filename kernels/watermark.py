@@ -73,14 +73,13 @@ def apply_watermark_reference(logits: torch.Tensor, batch: WatermarkBatch) -> No
     states = _row_states(table).to(logits.device)
     params = WatermarkBatch(table.to(logits.device), batch.has_gumbel, batch.any_active)
     schemes = params.effective_scheme()
-    vocab = torch.arange(logits.shape[1], device=logits.device)[None, :]
     for scheme in (Scheme.KGW_LEFTHASH, Scheme.KGW_SELFHASH, Scheme.GUMBEL):
         rows = (schemes == scheme).nonzero().flatten()
         if rows.numel() == 0:
             continue
         every_row = rows.numel() == logits.shape[0]
         x = logits if every_row else logits[rows]  # a view (written in place) or a copy
-        values = H.element_values(scheme, states[rows], vocab)
+        values = H.vocab_values(scheme, states[rows], logits.shape[1])
         if scheme is Scheme.GUMBEL:
             x.copy_(_gumbel_choose(x, values, params.temperature()[rows]))
         else:
@@ -128,11 +127,10 @@ def row_values(batch: WatermarkBatch, vocab_size: int) -> torch.Tensor:
     states = _row_states(table)
     schemes = WatermarkBatch(table, batch.has_gumbel, batch.any_active).effective_scheme()
     out = torch.full((len(batch), vocab_size), -1, dtype=torch.int64)
-    vocab = torch.arange(vocab_size)[None, :]
     for scheme in (Scheme.KGW_LEFTHASH, Scheme.KGW_SELFHASH, Scheme.GUMBEL):
         rows = (schemes == scheme).nonzero().flatten()
         if rows.numel():
-            out[rows] = H.u32_value(H.element_values(scheme, states[rows], vocab))
+            out[rows] = H.u32_value(H.vocab_values(scheme, states[rows], vocab_size))
     return out
 
 

@@ -146,3 +146,19 @@ def test_selfhash_colour_survives_edits_of_non_minimal_context_tokens() -> None:
     assert torch.equal(_values(2, KEY, [ctx], 5000), _values(2, KEY, [edited], 5000))
     moved = [ranked[1], ranked[50], ranked[60], ranked[70]]  # the minimum changed
     assert not torch.equal(_values(2, KEY, [ctx], 5000), _values(2, KEY, [moved], 5000))
+
+
+@pytest.mark.parametrize("scheme", [1, 2, 3])
+def test_vocab_values_equal_the_element_definition_and_leave_their_caches_alone(scheme: int) -> None:
+    """The cached whole-vocabulary path (what the logits operation runs) against the general one, rows
+    under one key and under several, called repeatedly (a cache written in place would show up here)."""
+    rng = random.Random(scheme)
+    keys = [KEY, KEY, bytes(range(16)), KEY, bytes(range(1, 17))]
+    contexts = [[rng.randrange(49_152) for _ in range(4)] for _ in keys]
+    states = H.u32_bits([H.row_state(scheme, H.key_words(k), c) for k, c in zip(keys, contexts, strict=True)])
+    states = states.reshape(-1, 2)
+    want = H.element_values(scheme, states, torch.arange(49_157)[None, :])
+    for _ in range(3):
+        assert torch.equal(H.vocab_values(scheme, states, 49_157), want)
+        assert torch.equal(H.vocab_values(scheme, states[:2], 49_157), want[:2])  # one key: the shared vector
+        assert torch.equal(H.vocab_values(scheme, states[2:3], 49_157), want[2:3])
