@@ -85,7 +85,7 @@ def apply_watermark_reference(logits: torch.Tensor, batch: WatermarkBatch) -> No
         else:
             green = H.u32_lt(values, params.threshold()[rows, None]) & (x == x)  # NaN: never written
             bumped = (x.float() + params.delta()[rows, None]).to(x.dtype)
-            _blend_(x, bumped, green)
+            x.copy_(torch.where(green, bumped, x))  # a select: unchosen logits keep their bits (-0.0, NaN)
         if not every_row:
             logits[rows] = x
 
@@ -101,14 +101,6 @@ def _row_states(table: torch.Tensor) -> torch.Tensor:
         key = [w & H.MASK32 for w in row[COL_KEY : COL_KEY + 4]]
         states.append(H.row_state(scheme, key, row[COL_CONTEXT : COL_CONTEXT + row[COL_CTX_LEN]]))
     return H.u32_bits(states).reshape(len(states), 2)
-
-
-def _blend_(dst: torch.Tensor, src: torch.Tensor, where: torch.Tensor) -> None:
-    """dst[where] = src[where] in place, on the bit patterns (torch.where is several times slower on
-    CPU, and a float blend would turn -0.0 into +0.0)."""
-    bits = torch.int32 if dst.dtype == torch.float32 else torch.int16
-    dst_bits, src_bits = dst.view(bits), src.view(bits)
-    dst_bits ^= (dst_bits ^ src_bits) & where.to(bits).neg_()
 
 
 def _gumbel_choose(x: torch.Tensor, values: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
