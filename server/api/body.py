@@ -25,8 +25,9 @@ async def read_body(request: Request, limit: int, *, allow_empty: bool = False) 
         if size > limit:
             raise too_large
         chunks.append(chunk)
-    if size == 0 or (allow_empty and not b"".join(chunks).strip()):
-        if allow_empty:
-            return b"{}"
+    body = b"".join(chunks)
+    if allow_empty and not body.strip():
+        return b"{}"
+    if size == 0:
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
-    return b"".join(chunks)
+    return body

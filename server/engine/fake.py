@@ -67,6 +67,8 @@ def canned_answer(prompt: str, json_mode: bool) -> str:
 class FakeEngine:
     """Deterministic `Engine`; `token_delay` seconds between streamed tokens makes disconnects testable."""
 
+    applies_watermark = False  # it ignores `_wm`: its responses say `X-Watermark: off`
+
     def __init__(self, info: ModelInfo, token_delay: float = 0.0) -> None:
         self.info = info
         self.tokenizer = ByteTokenizer()

@@ -26,6 +26,11 @@ class HfTokenizer:
             raise ValueError(f"the tokenizer in {path} has no chat template")
         self.eos_token_id: int | None = self._tok.eos_token_id
 
+    @property
+    def hf(self) -> Any:
+        """The underlying transformers tokenizer (pad/eos ids, batch decoding for offline evaluation)."""
+        return self._tok
+
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
 

@@ -121,6 +121,8 @@ class Engine(Protocol):
 
     info: ModelInfo
     tokenizer: Tokenizer
+    # Whether the engine applies the `_wm` watermark the server sets (`X-Watermark` says `off` otherwise).
+    applies_watermark: bool
 
     async def start(self) -> None: ...
 

@@ -17,7 +17,6 @@ from pydantic import Field
 
 from server.api.body import read_body
 from server.api.protocol import StrictModel, parse_request
-from server.engine.telemetry import pool_devices
 from server.identity.authn import client_addr, principal_of
 from server.identity.authz import requires
 from server.policy.limits import Limits
@@ -68,24 +67,26 @@ async def set_limits(scope: str, request: Request) -> dict[str, Any]:
 @router.get("/pools", dependencies=[requires("pools:read")])
 async def list_pools(request: Request) -> dict[str, Any]:
     state = request.app.state
-    gates = state.gatekeeper.snapshot()
+    # The same per-scrape reading as /metrics: a hung device driver delays this by its timeout, no more.
+    readings = await state.metrics.pools.read(
+        state.settings.pools, state.gatekeeper.snapshot(), dict(state.pool_control.states)
+    )
     data = []
-    for pool in state.settings.pools:
-        devices = await asyncio.to_thread(pool_devices, pool.device, pool.devices)
+    for pool, reading in zip(state.settings.pools, readings, strict=True):
         data.append(
             {
                 "name": pool.name,
                 "object": "pool",
                 "device": pool.device,
                 "devices": pool.devices,
-                "state": state.pool_control.states.get(pool.name, "serving"),
+                "state": reading.state,
                 "models": [m.name for m in state.settings.models if m.pool == pool.name],
                 "max_concurrency": pool.max_concurrency,
                 "per_key_concurrency": pool.per_key_concurrency,
                 "queue_length": pool.queue_length,
                 "queue_timeout_seconds": pool.queue_timeout_seconds,
-                "admission": gates.get(pool.name, {}),
-                "telemetry": [d.as_dict() for d in devices],
+                "admission": dict(reading.admission),
+                "telemetry": [d.as_dict() for d in reading.devices],
             }
         )
     return {"object": "list", "data": data}

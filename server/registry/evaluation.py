@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from server.audit.service import Actor
+from server.engine.tokenizer import HfTokenizer
 from server.registry import catalog
 from server.registry.catalog import InvalidTransition, RegistryError
-from server.registry.format_policy import render_chat_template_sandboxed
 from server.registry.signing import Trust, VerificationFailed, VerifiedManifest
 from server.registry.store import BlobStore
 from server.settings import EvaluationSettings
@@ -187,12 +187,13 @@ def js_divergence_bits(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor
 class LanguageModel:
     """A causal LM and its tokenizer from one local folder: local files only, safetensors only, no remote code.
 
-    Prompts go through the folder's own chat template, rendered in the sandbox the import checked it in.
+    Prompts go through the folder's own chat template exactly as the server renders it for a request
+    (`HfTokenizer.render_chat`), so the suite probes the prompts clients will send.
     """
 
     def __init__(self, folder: Path, *, device: str = "auto", dtype: str = "float32") -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -200,7 +201,8 @@ class LanguageModel:
         self.dtype = dtype
         options: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(folder, **options)
+            self.chat = HfTokenizer(folder)
+            self.tokenizer = self.chat.hf
             model = AutoModelForCausalLM.from_pretrained(
                 folder, use_safetensors=True, dtype=getattr(torch, dtype), **options
             )
@@ -209,25 +211,13 @@ class LanguageModel:
             raise EvaluationError(
                 f"transformers cannot load {folder} as a causal LM on {self.device}: {exc!r}"
             ) from None
-        template = self.tokenizer.chat_template
-        if isinstance(template, dict):
-            template = template.get("default")
-        if not isinstance(template, str):
-            raise EvaluationError(f"{folder} has no chat template; the suite sends chat prompts")
-        self.template = template
         self.eos_id: int | None = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         self.pad_id: int = pad if pad is not None else self.eos_id if self.eos_id is not None else 0
 
     def chat_ids(self, prompt: str) -> list[int]:
         """Token ids of ``prompt`` as one user message, ready for the assistant's answer."""
-        text = render_chat_template_sandboxed(
-            self.template,
-            [{"role": "user", "content": prompt}],
-            add_generation_prompt=True,
-            **self.tokenizer.special_tokens_map,
-        )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.chat.render_chat([{"role": "user", "content": prompt}], None)
 
     def greedy(self, prompts: Sequence[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy continuations (up to and including the end-of-sequence token), batched with left padding."""

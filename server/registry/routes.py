@@ -1,7 +1,8 @@
 """Admin API for the model registry: versions, BOMs, verification, evaluation, promotion and rollback.
 
 Promotion and rollback are privileged (`models:promote`, MFA step-up) and audited; they move the active
-alias, which the engine serves from its next load (hot swap is not built yet: see docs/supply-chain.md).
+alias, and every replica hot-swaps its engine to it (`server.engine.swap`; this one at once, the others
+within a second).
 """
 
 from __future__ import annotations

@@ -21,17 +21,12 @@ from server.settings import Settings
 
 @contextmanager
 def _keyring(settings: Settings) -> Iterator[Any]:
-    from server.identity.secrets import Keyring, load_master_secret
-    from server.storage.db import Database
-    from server.storage.migrate import upgrade
+    """The watermark keys over the migrated database and the master secret (the identity commands' `_open`)."""
+    from server.identity.cli import _open
     from server.watermark.keys import WatermarkKeyring
 
-    upgrade(settings.sqlalchemy_url)
-    db = Database(settings.sqlalchemy_url)
-    try:
-        yield WatermarkKeyring(db, Keyring(load_master_secret(settings)), settings.watermark)
-    finally:
-        db.dispose()
+    with _open(settings) as (db, keyring):
+        yield WatermarkKeyring(db, keyring, settings.watermark)
 
 
 def manage_cli(

@@ -95,18 +95,13 @@ class WatermarkKeyring:
 
     def active_key_for(self, org_id: str | None) -> KeyMaterial:
         """The organization's active key if it has one, else the deployment default."""
-        snap = self._fresh_snapshot()
-        material = snap.active.get(org_id) if org_id is not None else None
-        material = material or snap.active.get(None)
-        if material is None:  # no default yet (start-up did not create one): create it now
-            return self.ensure_default_key()
-        return material
+        return self._or_default(_pick(self._fresh_snapshot(), org_id, None))
 
     def for_request(self, org_id: str | None, api_key_id: str | None) -> KeyMaterial | None:
         """The key to watermark a request with, or None when watermarking is off or the API key is exempt."""
-        if not self._settings.enabled or self.is_exempt(api_key_id):
+        if not self._settings.enabled:
             return None
-        return self.active_key_for(org_id)
+        return self._or_default(_pick(self._fresh_snapshot(), org_id, api_key_id))
 
     STALE = object()
 
@@ -116,12 +111,14 @@ class WatermarkKeyring:
         if not self._settings.enabled:
             return None
         snap = self._snapshot
-        if snap is None or self._clock() - snap.loaded_at > self._settings.cache_seconds:
+        if snap is None or not self._is_fresh(snap):
             return self.STALE
-        if api_key_id is not None and api_key_id in snap.exempt:
-            return None
-        material = snap.active.get(org_id) if org_id is not None else None
-        return material or snap.active.get(None) or self.STALE
+        picked = _pick(snap, org_id, api_key_id)
+        return self.STALE if picked is _NO_KEY else picked
+
+    def _or_default(self, picked: KeyMaterial | None | object) -> KeyMaterial | None:
+        """No key at all means start-up did not create the default yet: create it now."""
+        return self.ensure_default_key() if picked is _NO_KEY else picked  # type: ignore[return-value]
 
     def all_keys_for(self, org_id: str | None) -> list[KeyMaterial]:
         """The keys detection may try for a caller of `org_id`: its own and the default's, active and retired."""
@@ -220,7 +217,7 @@ class WatermarkKeyring:
     def _fresh_snapshot(self) -> _Snapshot:
         with self._lock:
             snap = self._snapshot
-            if snap is not None and self._clock() - snap.loaded_at <= self._settings.cache_seconds:
+            if snap is not None and self._is_fresh(snap):
                 return snap
             with self._db.session() as session:
                 active: dict[str | None, KeyMaterial] = {}
@@ -230,6 +227,9 @@ class WatermarkKeyring:
                 exempt = frozenset(session.scalars(select(WatermarkExemption.api_key_id)))
             self._snapshot = _Snapshot(active, exempt, self._clock())
             return self._snapshot
+
+    def _is_fresh(self, snap: _Snapshot) -> bool:
+        return self._clock() - snap.loaded_at <= self._settings.cache_seconds
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _matches_settings(self, row: WatermarkKey) -> bool:
@@ -278,6 +278,18 @@ class WatermarkKeyring:
             status=row.status,
             org_id=row.org_id,
         )
+
+
+_NO_KEY = object()  # neither the organization nor the deployment has an active key
+
+
+def _pick(snap: _Snapshot, org_id: str | None, api_key_id: str | None) -> KeyMaterial | None | object:
+    """From one snapshot: None for an exempt API key, else the organization's active key, else the default's,
+    else `_NO_KEY`."""
+    if api_key_id is not None and api_key_id in snap.exempt:
+        return None
+    material = snap.active.get(org_id) if org_id is not None else None
+    return material or snap.active.get(None) or _NO_KEY
 
 
 def _org_is(org_id: str | None):  # type: ignore[no-untyped-def]

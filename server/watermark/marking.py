@@ -26,7 +26,7 @@ class RequestMarker:
         self, principal: Principal, engine: Engine, gens: list[GenerationRequest]
     ) -> tuple[list[GenerationRequest], dict[str, str]]:
         """`gens` with the request's watermark set, and the response header that names it."""
-        if not gens or not getattr(engine, "applies_watermark", False):
+        if not gens or not engine.applies_watermark:
             return gens, {HEADER: header_value(None)}
         material = self.keys.cached_for_request(principal.org_id, principal.api_key_id)
         if material is self.keys.STALE:  # the cache is due for a re-read: the database call goes to a thread
