@@ -309,7 +309,7 @@ def _define_watermark_processor() -> type:
         def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
             if getattr(vllm_config, "speculative_config", None) is not None:
                 raise ValueError("watermarking does not support speculative decoding (drafts would go unmarked)")
-            self._batch = BatchWatermarker(current_sealer())  # no transport key: refuse to start
+            self._batch = BatchWatermarker(current_sealer(), pin_memory=is_pin_memory)  # no transport key: refuse
 
         @classmethod
         def validate_params(cls, sampling_params: Any) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from kernels.watermark import apply_watermark
-from kernels.watermark_params import W_MAX, ContextTracker, RowParams, Scheme, WatermarkBatch
+from kernels.watermark_params import COL_SKIP, W_MAX, ContextTracker, RowParams, Scheme, WatermarkBatch
 from server.watermark.request import WatermarkArgs, parse_wm
 from server.watermark.transport import KeySealer
 
@@ -57,13 +57,13 @@ class _Row:
                 break
             self.tracker.is_repeat(ctx, position)
 
-    def step(self) -> RowParams | None:
-        """This step's parameters, or None while the context holds a placeholder."""
+    def step(self) -> list[int] | None:
+        """This step's table row (`RowParams.step_row`), or None while the context holds a placeholder."""
         n = len(self.output)
         ctx = self.context_at(n)
         if ctx and min(ctx) < 0:
             return None
-        return self.params.for_step(ctx, self.tracker.is_repeat(ctx, n))
+        return self.params.step_row(ctx, self.tracker.is_repeat(ctx, n))
 
 
 def row_params(wm: WatermarkArgs) -> RowParams:
@@ -85,8 +85,9 @@ class BatchWatermarker:
     (`server.watermark.transport.current_sealer`).
     """
 
-    def __init__(self, sealer: KeySealer | None = None) -> None:
+    def __init__(self, sealer: KeySealer | None = None, *, pin_memory: bool = False) -> None:
         self._sealer = sealer
+        self._pin_memory = pin_memory  # stage each step's table in pinned memory when the logits are on CUDA
         self._rows: dict[int, _Row] = {}
         self.placeholder_steps = 0
 
@@ -136,7 +137,7 @@ class BatchWatermarker:
         if not self._rows:
             return logits
         num_rows = logits.shape[0]
-        rows: list[RowParams | None] = [None] * num_rows
+        rows: list[list[int] | None] = [None] * num_rows
         live = False
         for index, row in self._rows.items():
             if index >= num_rows:
@@ -148,7 +149,8 @@ class BatchWatermarker:
                     log.warning("watermark context held a placeholder token; that step was left unmarked")
                 continue
             rows[index] = step
-            live = live or not step.skip
+            live = live or not step[COL_SKIP]
         if live:
-            apply_watermark(logits, WatermarkBatch.build(rows, logits.device))
+            pin = self._pin_memory and logits.is_cuda
+            apply_watermark(logits, WatermarkBatch.pack(rows, logits.device, pin_memory=pin))
         return logits

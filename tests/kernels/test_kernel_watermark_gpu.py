@@ -92,3 +92,20 @@ def test_rows_that_are_off_cost_no_writes_and_no_launch() -> None:
     skipped = [RowParams(Scheme.KGW_LEFTHASH, bytes(16), [1], skip=True)] * 4
     apply_watermark(x, WatermarkBatch.build(skipped, "cuda"))
     assert torch.equal(x.view(torch.int32), before.view(torch.int32))
+
+
+def test_a_pinned_table_copied_without_blocking_gives_the_same_marks() -> None:
+    """The processor's CUDA path: tables staged in pinned memory, copied non-blocking, many steps in a row
+    (a staging buffer reused before its copy ran would show up as another step's parameters)."""
+    rng = random.Random(7)
+    steps = [random_rows(rng, 64, 49_152) for _ in range(20)]
+    x = torch.randn(64, 49_152, device="cuda")
+    outs = []
+    for rows in steps:
+        y = x.clone()
+        apply_watermark(y, WatermarkBatch.build(rows, "cuda", pin_memory=True))
+        outs.append(y)
+    for rows, y in zip(steps, outs, strict=True):
+        want = x.clone()
+        apply_watermark(want, WatermarkBatch.build(rows, "cuda"))
+        assert torch.equal(y.view(torch.int32), want.view(torch.int32))

@@ -176,21 +176,42 @@ def test_row_params_keep_the_last_width_tokens_and_validate() -> None:
             RowParams(**args)
 
 
-def test_for_step_swaps_context_and_keeps_the_key_out_of_reprs() -> None:
+def test_step_row_swaps_context_and_keeps_the_key_out_of_reprs() -> None:
     key = b"\x13" * 16
     base = RowParams(Scheme.KGW_LEFTHASH, key, width=2, delta=3.0)
-    step = base.for_step([9, 8, 7], skip=True)
-    assert step.context == [9, 8, 7] and step.skip and base.context == () and not base.skip
+    same = RowParams(Scheme.KGW_LEFTHASH, key, [9, 8, 7], width=2, delta=3.0, skip=True)
+    assert base.step_row([9, 8, 7], skip=True) == same.table_row()
+    assert base.context == () and not base.skip
     assert (
-        WatermarkBatch.build([step]).table.tolist()
-        == WatermarkBatch.build(
-            [RowParams(Scheme.KGW_LEFTHASH, key, [9, 8, 7], width=2, delta=3.0, skip=True)]
-        ).table.tolist()
+        WatermarkBatch.pack([base.step_row([9, 8, 7], True)]).table.tolist()
+        == WatermarkBatch.build([same]).table.tolist()
     )
+    off = RowParams(Scheme.OFF, key).step_row([5, 6])
+    assert off[:3] == [0, 0, 0] and off[-8:] == [0] * 8  # an OFF row carries no context
     with pytest.raises(ValueError):
-        WatermarkBatch.build([base.for_step([2**31])])
-    assert repr(key) not in repr(step) and "key" not in repr(step)
-    assert len(WatermarkBatch.build([])) == 0
+        base.step_row([2**31])
+    with pytest.raises(ValueError):
+        base.step_row([3, -1])
+    assert repr(key) not in repr(base) and "key" not in repr(base)
+    assert len(WatermarkBatch.build([])) == 0 and len(WatermarkBatch.pack([])) == 0
+
+
+def test_pack_derives_the_launch_flags_and_refuses_short_rows() -> None:
+    gumbel = RowParams(Scheme.GUMBEL, bytes(16), [1])
+    kgw = RowParams(Scheme.KGW_SELFHASH, bytes(16), [1])
+    cases = [
+        ([None, kgw.table_row()], True, False),
+        ([gumbel.step_row([1], skip=True), kgw.table_row()], True, False),
+        ([gumbel.table_row(), None], True, True),
+        ([gumbel.step_row([1], skip=True), kgw.step_row([1], skip=True)], False, False),
+        ([None, None], False, False),
+    ]
+    for rows, any_active, has_gumbel in cases:
+        batch = WatermarkBatch.pack(rows)
+        assert (batch.any_active, batch.has_gumbel) == (any_active, has_gumbel), rows
+        assert batch.table.dtype == torch.int32 and batch.table.shape == (2, len(kgw.table_row()))
+    with pytest.raises(ValueError):
+        WatermarkBatch.pack([kgw.table_row()[:-1]])
 
 
 def test_context_tracker_flags_repeats_once_per_position() -> None:

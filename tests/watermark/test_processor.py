@@ -57,7 +57,7 @@ def test_no_watermarked_rows_is_a_no_op_that_builds_nothing(sealer, monkeypatch)
     def boom(*_a, **_k):
         raise AssertionError("built a batch for nothing")
 
-    monkeypatch.setattr(processor_module.WatermarkBatch, "build", boom)
+    monkeypatch.setattr(processor_module.WatermarkBatch, "pack", boom)
     batch = BatchWatermarker(sealer)
     batch.add(0, None, [], [1])
     batch.add(1, {}, [], [1])
@@ -97,10 +97,11 @@ def test_remove_move_and_swap(sealer):
     assert len(batch) == 0
 
 
-def test_repeated_contexts_are_left_untouched(sealer):
+@pytest.mark.parametrize("pin_memory", [False, True])  # pinning applies to CUDA logits only; CPU ignores it
+def test_repeated_contexts_are_left_untouched(sealer, pin_memory):
     key = material("kgw-lefthash")
     out = [10]
-    batch = BatchWatermarker(sealer)
+    batch = BatchWatermarker(sealer, pin_memory=pin_memory)
     batch.add(0, watermark_extra_args(key, 1.0, sealer), out, [])
     first = torch.zeros(1, V)
     batch.apply(first)  # context (10,) first seen at position 1
