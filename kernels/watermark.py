@@ -1,6 +1,7 @@
 """Watermark logits operation: public API and the plain-torch reference (what CPU hosts run).
 
-    apply_watermark(logits, batch)  in place; Triton on CUDA tensors, else the torch reference
+    apply_watermark(logits, batch)  in place; Triton on CUDA tensors, else the torch path: fused by Inductor
+                                    (`kernels.watermark_cpu`) once compiled, the eager reference until then
 
 Per row (hash and scheme definitions in `kernels.watermark_hash`):
   KGW (lefthash, selfhash)  logits[v] += delta where value(v) < threshold; every other logit keeps
@@ -34,6 +35,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kernels import watermark_cpu
 from kernels import watermark_hash as H
 from kernels.watermark_params import COL_CONTEXT, COL_CTX_LEN, COL_KEY, COL_SCHEME, COL_SKIP, Scheme, WatermarkBatch
 
@@ -60,15 +62,19 @@ def apply_watermark(logits: torch.Tensor, batch: WatermarkBatch) -> None:
         else:
             apply_watermark_triton(logits, batch)
             return
-    apply_watermark_reference(logits, batch)
+    _apply_torch(logits, batch, fused=watermark_cpu.applies_to(logits))
 
 
 def apply_watermark_reference(logits: torch.Tensor, batch: WatermarkBatch) -> None:
     """The plain-torch definition of the operation. Per-row seeds on the host (a few words each),
     per-element work vectorized over all rows of one scheme and the whole vocabulary."""
     _check(logits, batch)
-    if not batch.any_active:
-        return
+    if batch.any_active:
+        _apply_torch(logits, batch, fused=False)
+
+
+def _apply_torch(logits: torch.Tensor, batch: WatermarkBatch, fused: bool) -> None:
+    """The reference (`fused` False) or the same operation through `kernels.watermark_cpu`'s fused loops."""
     table = batch.table.cpu()
     states = _row_states(table).to(logits.device)
     params = WatermarkBatch(table.to(logits.device), batch.has_gumbel, batch.any_active)
@@ -79,10 +85,18 @@ def apply_watermark_reference(logits: torch.Tensor, batch: WatermarkBatch) -> No
             continue
         every_row = rows.numel() == logits.shape[0]
         x = logits if every_row else logits[rows]  # a view (written in place) or a copy
-        values = H.vocab_values(scheme, states[rows], logits.shape[1])
         if scheme is Scheme.GUMBEL:
-            x.copy_(_gumbel_choose(x, values, params.temperature()[rows]))
-        else:
+            u = watermark_cpu.gumbel_uniform(states[rows], logits.shape[1]) if fused else None
+            if u is None:
+                u = H.gumbel_uniform(H.vocab_values(scheme, states[rows], logits.shape[1]))
+            x.copy_(_gumbel_choose(x, u, params.temperature()[rows]))
+        elif not (
+            fused
+            and watermark_cpu.apply_kgw(
+                x, states[rows], scheme is Scheme.KGW_SELFHASH, params.threshold()[rows], params.delta()[rows]
+            )
+        ):
+            values = H.vocab_values(scheme, states[rows], logits.shape[1])
             green = H.u32_lt(values, params.threshold()[rows, None]) & (x == x)  # NaN: never written
             bumped = (x.float() + params.delta()[rows, None]).to(x.dtype)
             x.copy_(torch.where(green, bumped, x))  # a select: unchosen logits keep their bits (-0.0, NaN)
@@ -103,8 +117,7 @@ def _row_states(table: torch.Tensor) -> torch.Tensor:
     return H.u32_bits(states).reshape(len(states), 2)
 
 
-def _gumbel_choose(x: torch.Tensor, values: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    u = H.gumbel_uniform(values)
+def _gumbel_choose(x: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     inv_t = 1.0 / temperature[:, None]  # float32, correctly rounded; the kernel does the same
     score = x.float() * inv_t - torch.log(-torch.log(u))
     score = score.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))

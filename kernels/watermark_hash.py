@@ -104,11 +104,17 @@ def row_state(scheme: int, key: Sequence[int], context: Sequence[int]) -> tuple[
     (kh, min over the window of h(ctx_i)) for selfhash, 2**32 - 1 for an empty window.
     `key` holds the four key words, `context` the hashed window, oldest first."""
     if scheme == 2:
-        kh = murmur3_words([*key, 2])
+        kh = _selfhash_key(tuple(key))
         return kh, min((fmix32(kh ^ token_mix(t)) for t in context), default=MASK32)
     if scheme in (1, 3):
         return murmur3_words([*key, scheme, *context]), 0
     raise ValueError(f"no hash for scheme {scheme}")
+
+
+@functools.lru_cache(maxsize=256)
+def _selfhash_key(key: tuple[int, ...]) -> int:
+    """kh = murmur3(k0, k1, k2, k3, 2), once per key (the torch path asks for it per row per step)."""
+    return murmur3_words([*key, 2])
 
 
 def key_words(key: bytes) -> tuple[int, int, int, int]:

