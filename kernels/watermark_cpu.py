@@ -11,20 +11,26 @@ One form serves every scheme: value(v) = fmix32(umin(own[v], floor) ^ mix(v)). F
 h(v) under the row's key and floor the window's minimum; for lefthash and Gumbel, own is all ones
 (the unsigned maximum) and floor the row's seed, so umin gives the seed (`kernels.watermark_hash`).
 
-Compiled once per process, in a background thread (`prepare`), for any number of rows, keys and any
-vocabulary size (those sizes are marked unbacked, so none is specialized and none recompiles), and
-run under `torch.inference_mode()`, as vLLM runs its sampler: the compiled code is guarded on the
-grad mode, and a thread's default (grad on) would not match the engine's. Never compiled in the hot
-path: a call the compiled code would not cover falls back instead (`_run`). Until
-it is ready, for logits other than contiguous float32, and where it cannot be built (no C++ compiler,
-an Inductor error), the eager reference runs instead: the same bits either way, which
+Compiled once per process by `prepare`, which a CPU engine's logits processor calls when it is built, on
+the engine's own thread, before any request (~10 s cold on the VM, ~2 s from Inductor's on-disk cache).
+Compiled for any number of rows, keys and any vocabulary size (those sizes are marked unbacked, so none
+is specialized and none recompiles). Dynamo guards the compiled code on the thread's and process's
+state, so compiling and every call run in the same state: on that thread, in `torch.inference_mode()`
+(as vLLM runs its sampler; inference tensors in and out) and with float32 as the default dtype (vLLM
+switches it to the model's dtype while it builds the model). Nothing compiles in the hot path: a call
+the compiled code does not cover switches the fused path off and the eager reference serves (`_run`).
+Before `prepare`, for logits other than dense float32 inference tensors, on other threads, where it
+cannot be built (no C++ compiler, an Inductor error) and with SMS_WATERMARK_FUSED_CPU=0 in the engine's
+environment, the eager reference runs: the same bits either way, which
 tests/kernels/test_kernel_watermark_cpu.py checks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import threading
 
 import torch
@@ -33,6 +39,7 @@ from kernels import watermark_hash as H
 
 log = logging.getLogger(__name__)
 
+SWITCH = "SMS_WATERMARK_FUSED_CPU"  # "0": never compile; the eager reference serves (same bits)
 _SIGN = H.SIGN32
 _ALL_ONES = -1  # uint32 2**32 - 1 as int32 bits
 _M1 = -2048144789  # 0x85EBCA6B as int32 bits
@@ -69,42 +76,51 @@ def _gumbel_u(own, key_index, floor, mixed) -> torch.Tensor:
 
 
 class _Compiled:
-    """The compiled functions, built once per process; `ready` once both have compiled and run."""
+    """The compiled functions, built once per process on one thread (`thread`), which alone calls them."""
 
     def __init__(self) -> None:
-        self.ready = threading.Event()
-        self.failed = False
-        self._lock = threading.Lock()
-        self._started = False
+        self.ready = False
+        self.error: str | None = None  # why the fused path is off, for logs and benchmarks
+        self.thread: int | None = None
         self.kgw = torch.compile(_kgw, fullgraph=True)
         self.gumbel_u = torch.compile(_gumbel_u, fullgraph=True)
 
-    def start(self, wait: bool) -> bool:
-        with self._lock:
-            first, self._started = not self._started, True
-        if first and wait:
-            self._build()
-        elif first:
-            threading.Thread(target=self._build, name="watermark-compile", daemon=True).start()
-        if wait:
-            self.ready.wait()
-        return self.ready.is_set() and not self.failed
-
-    def _build(self) -> None:
+    def build(self) -> None:
+        self.thread = threading.get_ident()
+        if os.environ.get(SWITCH, "1") == "0":
+            self.error = f"switched off ({SWITCH}=0)"
+            return
         try:
-            with torch.inference_mode():  # the engine's mode and tensors (the compiled code is guarded on both)
+            with _engine_state():
                 vocab = 67  # any size: the compiled code takes every size (unbacked)
                 states = torch.tensor([[3, 0], [4, 0]], dtype=torch.int32)
                 x, threshold, delta = torch.zeros(2, vocab), torch.zeros(2, dtype=torch.int32), torch.zeros(2)
                 self.kgw(*_marked(*_kgw_args(x, states, True, threshold, delta)))
                 self.gumbel_u(*_marked(*_row_inputs(states, False, vocab)))
-        except Exception:  # no compiler, an Inductor bug: the eager reference gives the same bits
-            self.failed = True
-            log.warning(
-                "watermark: the fused CPU path could not be compiled; using the eager torch path", exc_info=True
-            )
-        finally:
-            self.ready.set()
+        except Exception as exc:  # no compiler, an Inductor bug: the eager reference gives the same bits
+            self.error = f"compile: {exc!r}"[:2000]
+            log.warning("watermark: fused CPU path not compiled; the eager torch path serves", exc_info=True)
+        else:
+            self.ready = True
+
+    def fail(self, exc: Exception) -> None:
+        self.ready, self.error = False, f"call: {exc!r}"[:2000]
+        log.warning("watermark: the fused CPU path failed; the eager torch path serves from now on", exc_info=True)
+
+
+@contextlib.contextmanager
+def _engine_state():
+    """The state the compiled code is built and called in (Dynamo guards on it): inference mode, float32
+    as the default dtype (set and restored on this thread's turn only when it differs)."""
+    dtype = torch.get_default_dtype()
+    if dtype != torch.float32:
+        torch.set_default_dtype(torch.float32)
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        if dtype != torch.float32:
+            torch.set_default_dtype(dtype)
 
 
 _COMPILED: _Compiled | None = None
@@ -116,22 +132,24 @@ def _compiled() -> _Compiled:
     with _COMPILED_LOCK:
         if _COMPILED is None:
             _COMPILED = _Compiled()
+            _COMPILED.build()
         return _COMPILED
 
 
-def prepare(wait: bool = False) -> bool:
-    """Start compiling (once per process; in the background unless `wait`). True when the fused path is
-    ready. Engines on CPU call it at start, so no request waits for the compiler."""
-    return _compiled().start(wait)
+def prepare() -> bool:
+    """Compile the fused path (once per process, on this thread, which is then the one that uses it).
+    True when it is ready. A CPU engine's logits processor calls it when built, so no request waits."""
+    return _compiled().ready
 
 
 def ready() -> bool:
-    return _COMPILED is not None and _COMPILED.ready.is_set() and not _COMPILED.failed
+    return _COMPILED is not None and _COMPILED.ready and _COMPILED.thread == threading.get_ident()
 
 
 def applies_to(logits: torch.Tensor) -> bool:
     """Whether `apply_kgw`/`gumbel_uniform` take these logits now (else the caller runs the reference): once
-    compiled, for dense float32 CPU logits made in inference mode, as vLLM's sampler hands them over."""
+    compiled, on the thread that compiled it, for dense float32 CPU logits made in inference mode, as
+    vLLM's sampler hands them over."""
     dense = logits.dim() == 2 and logits.stride() == (logits.shape[1], 1)
     plain = logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_inference()
     return ready() and dense and plain
@@ -183,13 +201,12 @@ def _run(fn, inputs):
     """A compiled call that never compiles in the hot path: a call the compiled code does not cover (which
     `applies_to` and `_marked` should make impossible) or any other failure switches the fused path off for
     this process and returns `_FAILED`; the caller then runs the eager reference, which gives the same bits.
-    Inputs are made inside inference mode, so they are inference tensors like the engine's logits."""
+    Inputs are made in `_engine_state`, so they are inference tensors like the engine's logits."""
     try:
-        with torch.inference_mode(), torch.compiler.set_stance("fail_on_recompile"):
+        with _engine_state(), torch.compiler.set_stance("fail_on_recompile"):
             return fn(*_marked(*inputs()))
-    except Exception:
-        _compiled().failed = True
-        log.warning("watermark: the fused CPU path failed; the eager torch path serves from now on", exc_info=True)
+    except Exception as exc:
+        _compiled().fail(exc)
         return _FAILED
 
 

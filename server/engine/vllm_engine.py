@@ -312,7 +312,7 @@ def _define_watermark_processor() -> type:
                 raise ValueError("watermarking does not support speculative decoding (drafts would go unmarked)")
             self._batch = BatchWatermarker(current_sealer(), pin_memory=is_pin_memory)  # no transport key: refuse
             if str(device).startswith("cpu"):
-                prepare_fused_cpu_path()  # compiles in the background; the eager path (same bits) serves until then
+                prepare_fused_cpu_path()  # on the engine's thread, before any request (kernels/watermark_cpu.py)
 
         @classmethod
         def validate_params(cls, sampling_params: Any) -> None:

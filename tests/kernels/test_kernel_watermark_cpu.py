@@ -17,9 +17,12 @@ from kernels.watermark_params import RowParams, Scheme, WatermarkBatch
 
 @pytest.fixture(scope="module")
 def fused() -> None:
-    """Compiled through the engines' path: started in the background, then awaited."""
-    watermark_cpu.prepare()
-    assert watermark_cpu.prepare(wait=True), "the fused CPU path did not compile"
+    """Compiled as a CPU engine does, here while the default dtype is another (vLLM builds its model so)."""
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        assert watermark_cpu.prepare(), watermark_cpu._compiled().error
+    finally:
+        torch.set_default_dtype(torch.float32)
 
 
 def random_rows(rng: random.Random, n_rows: int, vocab: int, keys: list[bytes]) -> list[RowParams | None]:
@@ -101,7 +104,8 @@ def test_a_failing_fused_call_leaves_the_logits_to_the_eager_path(fused, monkeyp
 
     monkeypatch.setattr(compiled, "kgw", broken)
     monkeypatch.setattr(compiled, "gumbel_u", broken)
-    monkeypatch.setattr(compiled, "failed", False)  # restored for the other tests
+    monkeypatch.setattr(compiled, "ready", True)  # restored for the other tests
+    monkeypatch.setattr(compiled, "error", None)
     rng = random.Random(9)
     key = rng.randbytes(16)
     rows = [RowParams(Scheme.KGW_SELFHASH, key, [4, 5]), RowParams(Scheme.GUMBEL, key, [4, 5])]
@@ -113,3 +117,10 @@ def test_a_failing_fused_call_leaves_the_logits_to_the_eager_path(fused, monkeyp
         apply_watermark_reference(want, WatermarkBatch.build(rows))
     assert same_bits(ours, want)
     assert not watermark_cpu.ready() and not watermark_cpu.applies_to(x)
+
+
+def test_operators_can_switch_the_fused_path_off(monkeypatch) -> None:
+    monkeypatch.setenv(watermark_cpu.SWITCH, "0")
+    compiled = watermark_cpu._Compiled()
+    compiled.build()  # returns at once: nothing compiled
+    assert not compiled.ready and compiled.error == f"switched off ({watermark_cpu.SWITCH}=0)"

@@ -80,8 +80,8 @@ def test_the_class_pickles_by_reference(processor_class):
 
 
 def test_a_cpu_engine_compiles_the_fused_path_and_its_steps_use_it(processor_class, monkeypatch):
-    proc = processor_class(CONFIG, torch.device("cpu"), False)  # starts the compile in the background
-    assert watermark_cpu.prepare(wait=True)
+    proc = processor_class(CONFIG, torch.device("cpu"), False)  # compiles the fused path (once per process)
+    assert watermark_cpu.ready(), watermark_cpu._compiled().error
     fused_calls = []
     real = watermark_cpu.apply_kgw
     monkeypatch.setattr(watermark_cpu, "apply_kgw", lambda *a: fused_calls.append(1) or real(*a))
