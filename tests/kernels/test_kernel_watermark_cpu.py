@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 from kernels import watermark_cpu
 from kernels.watermark import apply_watermark, apply_watermark_reference
 from kernels.watermark_params import RowParams, Scheme, WatermarkBatch
+from tests.kernels.rows import random_rows
 
 
 @pytest.fixture(scope="module")
@@ -23,29 +24,6 @@ def fused() -> None:
         assert watermark_cpu.prepare(), watermark_cpu._compiled().error
     finally:
         torch.set_default_dtype(torch.float32)
-
-
-def random_rows(rng: random.Random, n_rows: int, vocab: int, keys: list[bytes]) -> list[RowParams | None]:
-    rows: list[RowParams | None] = []
-    for _ in range(n_rows):
-        kind = rng.choice(["off", "skip", 1, 2, 2, 3])
-        if kind == "off":
-            rows.append(None)
-            continue
-        scheme = Scheme(kind) if kind != "skip" else Scheme(rng.choice([1, 2, 3]))
-        rows.append(
-            RowParams(
-                scheme,
-                rng.choice(keys),
-                [rng.randrange(vocab) for _ in range(rng.randrange(0, 10))],
-                width=rng.randrange(1, 9),
-                gamma=rng.choice([0.25, 0.5, 0.1]),
-                delta=rng.choice([2.0, 1.0, 4.5]),
-                temperature=rng.choice([1.0, 0.7, 1.5]),
-                skip=kind == "skip",
-            )
-        )
-    return rows
 
 
 def logits_for(rng: random.Random, n_rows: int, vocab: int) -> torch.Tensor:

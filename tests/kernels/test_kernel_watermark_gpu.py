@@ -9,6 +9,7 @@ import torch
 
 from kernels.watermark import apply_watermark, apply_watermark_reference, row_values
 from kernels.watermark_params import RowParams, Scheme, WatermarkBatch
+from tests.kernels.rows import random_rows
 
 pytestmark = [
     pytest.mark.gpu,
@@ -16,30 +17,6 @@ pytestmark = [
 ]
 
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
-
-
-def random_rows(rng: random.Random, n_rows: int, vocab: int) -> list[RowParams | None]:
-    rows: list[RowParams | None] = []
-    for _ in range(n_rows):
-        kind = rng.choice(["off", "skip", 1, 1, 2, 2, 3, 3])
-        if kind == "off":
-            rows.append(None)
-            continue
-        scheme = Scheme(kind) if kind != "skip" else Scheme(rng.choice([1, 2, 3]))
-        context = [rng.randrange(vocab) for _ in range(rng.randrange(0, 10))]
-        rows.append(
-            RowParams(
-                scheme,
-                rng.randbytes(16),
-                context,
-                width=rng.randrange(1, 9),
-                gamma=rng.choice([0.25, 0.5, 0.1]),
-                delta=rng.choice([2.0, 1.0, 4.5]),
-                temperature=rng.choice([1.0, 0.7, 1.5]),
-                skip=kind == "skip",
-            )
-        )
-    return rows
 
 
 def gumbel_near_tie(x: torch.Tensor, row: RowParams, values: torch.Tensor, a: int, b: int) -> bool:
