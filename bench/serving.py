@@ -101,6 +101,7 @@ name = "{MODEL}"
 path = "{model_dir}"
 pool = "cpu"
 max_model_len = 2048
+dtype = "bfloat16"
 [watermark]
 enabled = {"true" if kind == "ours+wm" else "false"}
 """)

@@ -1,8 +1,8 @@
 """The watermark's serving cost inside the engine: output tokens/s with watermarking off and on, same engine.
 
-Engines are built as the server builds them (bf16, eager model, CPU pools prefill whole prompts, the engine
-core in its own process, where vLLM sets up OpenMP) with the watermark processor registered, as every engine
-of ours has it. In each engine, rounds alternate between:
+Engines are built as the server's default configuration builds them (its dtype, float32 on CPU pools; eager
+model; CPU pools prefill whole prompts; the engine core in its own process, where vLLM sets up OpenMP), with
+the watermark processor registered, as every engine of ours has it. In each engine, rounds alternate between:
 
   off   requests without `_wm` (an exempt key): the processor returns at once
   on    kgw-selfhash (the default scheme) on every request
@@ -48,18 +48,21 @@ def one_engine(args: argparse.Namespace) -> dict:
     from vllm import LLM, SamplingParams
 
     from server.engine.tokenizer import HfTokenizer
-    from server.engine.vllm_engine import watermark_processors
+    from server.engine.vllm_engine import engine_dtype, watermark_processors
     from server.registry.versions import model_folder
     from server.settings import ModelSettings, load_settings
     from server.watermark.request import watermark_extra_args
     from server.watermark.types import KeyMaterial
 
-    path = model_folder(load_settings(), ModelSettings(), progress=False)
+    settings = load_settings()
+    model = settings.models[0]
+    dtype = engine_dtype(next(p for p in settings.pools if p.name == model.pool), model)
+    path = model_folder(settings, ModelSettings(), progress=False)
     tok = HfTokenizer(path)
     prompt_ids = [tok.render_chat([{"role": "user", "content": t}], None) for t in prompts(args.batch)]
     llm = LLM(
         model=str(path),
-        dtype="bfloat16",
+        dtype=dtype,
         max_model_len=1024,
         enforce_eager=True,
         enable_chunked_prefill=False,
@@ -83,7 +86,8 @@ def one_engine(args: argparse.Namespace) -> dict:
             rounds[variant].append(round(run(variant), 1))
             print(f"{args.mode:7s} round {i} {variant:3s} {rounds[variant][-1]:8.1f} tok/s", flush=True)
     median = {v: statistics.median(r) for v, r in rounds.items()}
-    return {"tokens_per_s": rounds, "median_tokens_per_s": median, "on/off": round(median["on"] / median["off"], 4)}
+    ratio = round(median["on"] / median["off"], 4)
+    return {"dtype": dtype, "tokens_per_s": rounds, "median_tokens_per_s": median, "on/off": ratio}
 
 
 def main() -> int:

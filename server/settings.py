@@ -57,7 +57,8 @@ class ModelSettings(BaseModel):
     version: str | None = None
     pool: str = "cpu"
     max_model_len: int = Field(default=2048, ge=16)
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    # "auto": float32 on CPU pools, the model's own dtype on CUDA pools (`server.engine.vllm_engine.engine_dtype`).
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     # Tool-call format the model emits; "hermes" parses <tool_call>{json}</tool_call> blocks.
     tool_call_format: Literal["hermes", "none"] = "hermes"
 

