@@ -8,8 +8,9 @@
 #
 #   bash bench/gpu_checks.sh            # about 3 to 5 minutes on an H100
 #
-# Not covered here: bench/serving.py on CUDA (watermark on/off tokens/s) needs vLLM for CUDA installed,
-# which the device image lacks and which is too large to carry there; run it on a GPU host (README).
+# Not covered here: the watermark's serving cost with the Triton kernel (bench/watermark_overhead.py) needs
+# vLLM for CUDA installed, which the device image lacks and which is too large to carry there; run it on a
+# GPU host (README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}

@@ -56,7 +56,13 @@ def one_engine(args: argparse.Namespace) -> dict:
 
     settings = load_settings()
     model = settings.models[0]
-    dtype = engine_dtype(next(p for p in settings.pools if p.name == model.pool), model)
+    import torch
+
+    # The default configuration's pool is a CPU pool; on a CUDA host the engine runs as a CUDA pool would.
+    pool = next(p for p in settings.pools if p.name == model.pool)
+    if torch.cuda.is_available():
+        pool = pool.model_copy(update={"device": "cuda"})
+    dtype = engine_dtype(pool, model)
     path = model_folder(settings, ModelSettings(), progress=False)
     tok = HfTokenizer(path)
     prompt_ids = [tok.render_chat([{"role": "user", "content": t}], None) for t in prompts(args.batch)]
