@@ -48,7 +48,7 @@ def one_engine(args: argparse.Namespace) -> dict:
     from vllm import LLM, SamplingParams
 
     from server.engine.tokenizer import HfTokenizer
-    from server.engine.vllm_engine import engine_dtype, watermark_processors
+    from server.engine.vllm_engine import _scheduler_args, engine_dtype, watermark_processors
     from server.registry.versions import model_folder
     from server.settings import ModelSettings, load_settings
     from server.watermark.request import watermark_extra_args
@@ -71,8 +71,7 @@ def one_engine(args: argparse.Namespace) -> dict:
         dtype=dtype,
         max_model_len=1024,
         enforce_eager=True,
-        enable_chunked_prefill=False,
-        max_num_batched_tokens=2048,
+        **_scheduler_args(pool, model),  # as the server's engines (CPU pools prefill whole prompts)
         logits_processors=watermark_processors(),
         disable_log_stats=True,
     )

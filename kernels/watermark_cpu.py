@@ -40,39 +40,24 @@ from kernels import watermark_hash as H
 log = logging.getLogger(__name__)
 
 SWITCH = "SMS_WATERMARK_FUSED_CPU"  # "0": never compile; the eager reference serves (same bits)
-_SIGN = H.SIGN32
 _ALL_ONES = -1  # uint32 2**32 - 1 as int32 bits
-_M1 = -2048144789  # 0x85EBCA6B as int32 bits
-_M2 = -1028477387  # 0xC2B2AE35 as int32 bits
-
-
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """`watermark_hash.fmix32` on int32 bit patterns, its multipliers written as int32 (Inductor sees no
-    out-of-range literal)."""
-    h = h ^ ((h >> 16) & 0xFFFF)
-    h = h * _M1
-    h = h ^ ((h >> 13) & 0x7FFFF)
-    h = h * _M2
-    return h ^ ((h >> 16) & 0xFFFF)
 
 
 def _values(own: torch.Tensor, key_index: torch.Tensor, floor: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
     """value(v), int32 bits [N, V]: own [K, V], key_index [N] (a row's line of own), floor [N], mixed [V].
     Every input is 1-D per row or per token (no size-1 dimension for the compiler to specialize on)."""
-    m = torch.minimum(own[key_index] ^ _SIGN, floor[:, None] ^ _SIGN) ^ _SIGN
-    return _fmix32(m ^ mixed)
+    return H.selfhash_values(own[key_index], floor[:, None], mixed)
 
 
 def _kgw(x, own, key_index, floor, mixed, threshold, delta) -> None:
     """logits += delta where value < threshold (unsigned) and the logit is not NaN; in place."""
-    green = ((_values(own, key_index, floor, mixed) ^ _SIGN) < (threshold[:, None] ^ _SIGN)) & (x == x)
+    green = H.u32_lt(_values(own, key_index, floor, mixed), threshold[:, None]) & (x == x)
     x.copy_(torch.where(green, x + delta[:, None], x))
 
 
 def _gumbel_u(own, key_index, floor, mixed) -> torch.Tensor:
-    """Gumbel's uniform u(v) = (2 * (value >> 9) + 1) / 2**24, float32 [N, V] (exact)."""
-    values = _values(own, key_index, floor, mixed)
-    return (((values >> 9) & 0x7FFFFF) * 2 + 1).to(torch.float32) * H.GUMBEL_UNIT
+    """Gumbel's uniform u(v), float32 [N, V] (exact)."""
+    return H.gumbel_uniform(_values(own, key_index, floor, mixed))
 
 
 class _Compiled:
@@ -216,6 +201,8 @@ def _kgw_args(x, states, selfhash, threshold, delta) -> tuple[torch.Tensor, ...]
     return view, own, index, floor, mixed, _dense(threshold), _dense(delta)
 
 
+# The same vectors as `watermark_hash._vocab_mix` / `_own_hashes`, cached apart on purpose: these are made in
+# `_engine_state` (inference tensors), and the compiled code is guarded on that; the eager path's may not be.
 @functools.lru_cache(maxsize=8)
 def _mix(vocab: int) -> torch.Tensor:
     return H.token_mix(torch.arange(vocab, dtype=torch.int32))

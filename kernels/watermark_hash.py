@@ -153,7 +153,7 @@ def u32_lt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def u32_min(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Unsigned minimum on int32 bit patterns."""
-    return torch.minimum(a ^ SIGN32, b ^ SIGN32) ^ SIGN32
+    return torch.minimum(a ^ SIGN32, b ^ SIGN32).bitwise_xor_(SIGN32)
 
 
 def fmix32_(h: torch.Tensor) -> torch.Tensor:
@@ -179,7 +179,7 @@ def element_values(scheme: int, state: torch.Tensor, candidates: torch.Tensor) -
     mixed = token_mix(candidates.to(torch.int32))
     first = state[:, :1]
     if scheme == 2:
-        return _selfhash_values(fmix32_(first ^ mixed), state[:, 1:], mixed)
+        return selfhash_values(fmix32_(first ^ mixed), state[:, 1:], mixed)
     if scheme in (1, 3):
         return fmix32_(first ^ mixed)
     raise ValueError(f"no hash for scheme {scheme}")
@@ -201,18 +201,16 @@ def vocab_values(scheme: int, state: torch.Tensor, vocab_size: int) -> torch.Ten
             own = _own_hashes(keys[0], vocab_size, device)[None, :]
         else:
             own = torch.stack([_own_hashes(k, vocab_size, device) for k in keys])
-        return _selfhash_values(own, state[:, 1:], mixed)
+        return selfhash_values(own, state[:, 1:], mixed)
     if scheme in (1, 3):
         return fmix32_(first ^ mixed)
     raise ValueError(f"no hash for scheme {scheme}")
 
 
-def _selfhash_values(own: torch.Tensor, window_min: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
-    """fmix32(min(h(v), window minimum) ^ mix(v)), unsigned minimum, computed into a fresh tensor."""
-    m = torch.minimum(own ^ SIGN32, window_min ^ SIGN32)
-    m ^= SIGN32
-    m ^= mixed
-    return fmix32_(m)
+def selfhash_values(own: torch.Tensor, window_min: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+    """fmix32(umin(h(v), window minimum) ^ mix(v)), computed into a fresh tensor. With `own` all ones and the
+    row's seed as `window_min` it is lefthash's and Gumbel's value (umin gives the seed)."""
+    return fmix32_(u32_min(own, window_min).bitwise_xor_(mixed))
 
 
 @functools.lru_cache(maxsize=8)
