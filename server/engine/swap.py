@@ -76,7 +76,11 @@ class ModelSwapper:
         wanted = await asyncio.to_thread(self._active_digests)
         served = {info.name: info.digest for info in self._hub.models()}
         for name, digest in wanted.items():
-            if digest is None or name not in self._models or served.get(name) == digest:
+            if digest is None:
+                continue
+            if served.get(name) == digest:  # e.g. rolled back to the served version after a failed swap
+                self._failed.pop(name, None)
+                self._hub.swap_errors.pop(name, None)
                 continue
             failed_digest, when = self._failed.get(name, (None, 0.0))
             if failed_digest == digest and time.monotonic() - when < _RETRY_FAILED_SECONDS:
@@ -93,6 +97,10 @@ class ModelSwapper:
             await new.start()
             if info.integrity_check is not None:
                 await asyncio.to_thread(info.integrity_check)
+        except asyncio.CancelledError:  # shutdown mid-swap: the new engine is nobody's, stop it here
+            if new is not None:
+                await asyncio.shield(new.stop())
+            raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
             log.error("hot swap of %s failed; the previous version keeps serving: %s", name, reason)

@@ -139,6 +139,12 @@ def test_a_version_that_does_not_verify_is_refused_and_the_old_one_keeps_serving
         outcomes = session.scalars(select(AuditEvent.outcome).where(AuditEvent.action == "registry.swap")).all()
     assert outcomes == ["failure"]
 
+    # Rolling back to the version still served clears the error: nothing is left to swap.
+    active["version"] = "v1"
+    client.portal.call(swapper.check)
+    assert MODEL not in (client.get("/readyz").json().get("swap_errors") or {})
+    assert len(engines) == 1
+
 
 def test_holds_are_released_on_refusals_and_errors(world):
     client, _, _, engines = world
