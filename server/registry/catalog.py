@@ -281,6 +281,18 @@ def active_version(session: Session, name: str) -> dict[str, Any] | None:
     return _view(session, row) if row is not None else None
 
 
+def active_digests(session: Session, names: list[str]) -> dict[str, str | None]:
+    """Each named model's active version digest, None without one: one query, no version metadata (replicas
+    poll it every second to follow promotions)."""
+    rows = session.execute(
+        select(RegistryModel.name, ModelVersion.digest)
+        .join(ModelVersion, ModelVersion.id == RegistryModel.active_version_id)
+        .where(RegistryModel.name.in_(names))
+    )
+    found = {name: digest for name, digest in rows}  # not dict(rows): a Result has keys() (its columns)
+    return {name: found.get(name) for name in names}
+
+
 def show(session: Session, name: str) -> dict[str, Any]:
     """A model: its active version (digest, path...), where rollback goes, and every version."""
     model = session.get(RegistryModel, name)

@@ -109,5 +109,4 @@ def active_digests(settings: Settings, db: Database) -> dict[str, str | None]:
     from server.registry import catalog
 
     with db.session() as session:
-        views = {m.name: catalog.active_version(session, m.name) for m in settings.models}
-    return {name: view["digest"] if view else None for name, view in views.items()}
+        return catalog.active_digests(session, [m.name for m in settings.models])

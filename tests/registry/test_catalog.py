@@ -48,6 +48,8 @@ def _ready(db, store, trust, version: str) -> None:
 def test_lifecycle_promote_and_rollback(db, store, signer, trust, tmp_path) -> None:
     v1 = _import(db, store, signer, build_model(tmp_path / "m1"))
     assert (v1["version"], v1["state"], v1["path"]) == ("v1", "imported", str(store.path_for(v1["digest"])))
+    with db.session() as s:
+        assert catalog.active_digests(s, ["tiny", "nope"]) == {"tiny": None, "nope": None}  # nothing promoted
     with db.session() as s, pytest.raises(catalog.InvalidTransition, match="only an evaluated version"):
         catalog.promote(s, "tiny", "v1", ACTOR)
     with db.session() as s, pytest.raises(catalog.InvalidTransition, match="only a verified version"):
@@ -64,12 +66,16 @@ def test_lifecycle_promote_and_rollback(db, store, signer, trust, tmp_path) -> N
         shown = catalog.show(s, "tiny")
     assert shown["active"]["digest"] == v2["digest"] and shown["active"]["path"] == str(store.path_for(v2["digest"]))
     assert shown["rollback_to"] == "v1"
+    with db.session() as s:
+        assert catalog.active_digests(s, ["tiny"]) == {"tiny": v2["digest"]}
     assert [v["state"] for v in shown["versions"]] == ["retired", "active"]
 
     with db.session() as s:
         assert catalog.rollback(s, "tiny", ACTOR)["version"] == "v1"
         shown = catalog.show(s, "tiny")
     assert shown["active"]["version"] == "v1" and [v["state"] for v in shown["versions"]] == ["active", "retired"]
+    with db.session() as s:
+        assert catalog.active_digests(s, ["tiny"]) == {"tiny": v1["digest"]}
     with db.session() as s, pytest.raises(catalog.InvalidTransition, match="no earlier version"):
         catalog.rollback(s, "tiny", ACTOR)
     with db.session() as s, pytest.raises(catalog.InvalidTransition, match="is retired"):
