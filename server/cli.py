@@ -111,17 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bind(func: Callable[..., int]) -> Callable[[argparse.Namespace], int]:
+    """A command that opens the database through the identity CLI's runner (`identity.cli.run`)."""
+    from server.identity.cli import run
+
+    return lambda args: run(func, _settings(args), args)
+
+
 def _add_identity_commands(sub: argparse._SubParsersAction, add: Callable[..., argparse.ArgumentParser]) -> None:
     from server.identity import cli as identity
-
-    def bind(func: Callable[..., int]) -> Callable[[argparse.Namespace], int]:
-        return lambda args: identity.run(func, _settings(args), args)
 
     admin = sub.add_parser("admin", help="installation administration", description="installation administration")
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)
     boot = add(
         "bootstrap",
-        bind(identity.bootstrap),
+        _bind(identity.bootstrap),
         "create the first organization and its owner (once); prints "
         "the one-time password, TOTP provisioning URI and recovery codes once",
         admin_sub,
@@ -132,44 +136,44 @@ def _add_identity_commands(sub: argparse._SubParsersAction, add: Callable[..., a
 
     orgs = sub.add_parser("orgs", help="organizations", description="organizations")
     orgs_sub = orgs.add_subparsers(dest="orgs_command", required=True)
-    oc = add("create", bind(identity.orgs_create), "create an organization", orgs_sub)
+    oc = add("create", _bind(identity.orgs_create), "create an organization", orgs_sub)
     oc.add_argument("name")
     oc.add_argument("--json", action="store_true")
-    add("list", bind(identity.orgs_list), "list organizations", orgs_sub).add_argument("--json", action="store_true")
+    add("list", _bind(identity.orgs_list), "list organizations", orgs_sub).add_argument("--json", action="store_true")
 
     users = sub.add_parser("users", help="users", description="users")
     users_sub = users.add_subparsers(dest="users_command", required=True)
-    uc = add("create", bind(identity.users_create), "create a user", users_sub)
+    uc = add("create", _bind(identity.users_create), "create a user", users_sub)
     uc.add_argument("--email", required=True)
     uc.add_argument("--roles", default="developer", help="comma-separated roles (default: developer)")
     uc.add_argument("--org", help="organization id (default: the operator's)")
     uc.add_argument("--password", action="store_true", help="generate a one-time password and print it")
     uc.add_argument("--json", action="store_true")
-    ul = add("list", bind(identity.users_list), "list users", users_sub)
+    ul = add("list", _bind(identity.users_list), "list users", users_sub)
     ul.add_argument("--json", action="store_true")
 
     keys = sub.add_parser("keys", help="API keys", description="API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    kc = add("create", bind(identity.keys_create), "create an API key (printed once)", keys_sub)
+    kc = add("create", _bind(identity.keys_create), "create an API key (printed once)", keys_sub)
     kc.add_argument("--scopes", default="inference", help="comma-separated scopes (default: inference)")
     kc.add_argument("--user", help="owner user id (default: the operator service account)")
     kc.add_argument("--name", default="", help="a label")
     kc.add_argument("--models", help="comma-separated model allowlist (default: all)")
     kc.add_argument("--expires-days", type=float, help="expire after this many days")
     kc.add_argument("--json", action="store_true")
-    kl = add("list", bind(identity.keys_list), "list API keys (never their secrets)", keys_sub)
+    kl = add("list", _bind(identity.keys_list), "list API keys (never their secrets)", keys_sub)
     kl.add_argument("--json", action="store_true")
     for verb, text in (
         ("revoke", "revoke a key on every replica within a second"),
         ("rotate", "new secret for a key; the old one works for the overlap window"),
     ):
-        kv = add(verb, bind(identity.keys_change), text, keys_sub)
+        kv = add(verb, _bind(identity.keys_change), text, keys_sub)
         kv.add_argument("key_id")
         kv.add_argument("--json", action="store_true")
 
     auth = sub.add_parser("auth", help="token signing keys", description="token signing keys")
     auth_sub = auth.add_subparsers(dest="auth_command", required=True)
-    rot = add("rotate-signing-key", bind(identity.signing_key_rotate), "rotate the JWT signing key", auth_sub)
+    rot = add("rotate-signing-key", _bind(identity.signing_key_rotate), "rotate the JWT signing key", auth_sub)
     rot.add_argument("--json", action="store_true")
 
 
@@ -208,20 +212,17 @@ def _add_watermark_commands(sub: argparse._SubParsersAction, add: Callable[..., 
 
 
 def _add_limits_commands(sub: argparse._SubParsersAction, add: Callable[..., argparse.ArgumentParser]) -> None:
-    from server.identity.cli import run
     from server.policy import cli as limits
 
     group = sub.add_parser("limits", help="limits of a key, user or org", description="limits of a key, user or org")
     limits_sub = group.add_subparsers(dest="limits_command", required=True)
     scope_help = "key:<id>, user:<id> or org:<id>"
-    show = add(
-        "show", lambda a: run(limits.show, _settings(a), a), "a scope's limits (and usage with Redis)", limits_sub
-    )
+    show = add("show", _bind(limits.show), "a scope's limits (and usage with Redis)", limits_sub)
     show.add_argument("scope", help=scope_help)
     show.add_argument("--json", action="store_true")
     put = add(
         "set",
-        lambda a: run(limits.set_limits, _settings(a), a),
+        _bind(limits.set_limits),
         "replace a scope's limits (audited); limits not given are removed from the scope",
         limits_sub,
     )

@@ -19,22 +19,20 @@ from typing import Any
 from server.audit.service import Actor
 from server.identity.cli import _emit, _open
 from server.policy.errors import LimiterUnavailable
+from server.policy.limits import SHORT_NAMES
 from server.policy.overrides import compact_limits, read_limits, write_limits
-from server.policy.store import make_store
+from server.policy.store import SHARED_STORE_SCHEMES, make_store
 from server.settings import Settings
-
-_NAMES = ("rpm", "tpm", "tpd", "concurrent")
-_SHARED_STORES = ("redis://", "rediss://", "unix://")
 
 
 def _describe(limits: dict[str, Any]) -> str:
-    return " ".join(f"{name}={limits[name]}" for name in _NAMES if name in limits) or "none set"
+    return " ".join(f"{name}={limits[name]}" for name in SHORT_NAMES if name in limits) or "none set"
 
 
 def _usage(settings: Settings, scope: str) -> dict[str, Any] | None:
     """The scope's usage from a shared (Redis) limit store; None for a per-process store or an unreachable one."""
     adm = settings.admission
-    if not adm.store_url.startswith(_SHARED_STORES):
+    if not adm.store_url.startswith(SHARED_STORE_SCHEMES):
         return None
 
     async def read() -> dict[str, Any]:
@@ -66,7 +64,7 @@ def show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def set_limits(settings: Settings, args: argparse.Namespace) -> int:
-    limits = compact_limits({name: getattr(args, name) for name in _NAMES})
+    limits = compact_limits({name: getattr(args, name) for name in SHORT_NAMES})
     with _open(settings) as (db, _):
         before = write_limits(db, args.scope, limits, Actor.system(), changed_by="cli", reason=args.reason)
     out = {"object": "limits", "scope": args.scope, "limits": limits, "before": before}

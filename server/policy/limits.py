@@ -19,6 +19,7 @@ _SHORT_NAMES = {
     "tpd": "tokens_per_day",
     "concurrent": "concurrent",
 }
+SHORT_NAMES = tuple(_SHORT_NAMES)  # "rpm", "tpm", "tpd", "concurrent"
 
 
 def _min(a: int | None, b: int | None) -> int | None:

@@ -237,13 +237,16 @@ class LimitStore(abc.ABC):
         """Release connections (Redis); nothing to do in memory."""
 
 
+SHARED_STORE_SCHEMES = ("redis://", "rediss://", "unix://")  # one limit shared by every replica (Redis)
+
+
 def make_store(url: str, **options: float | str) -> LimitStore:
     """Choose the backend by URL: `memory://` (one process) or `redis://…` / `rediss://…` (shared)."""
     if url.startswith("memory://"):
         from server.policy.memory_store import MemoryLimitStore
 
         return MemoryLimitStore(**options)  # type: ignore[arg-type]
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(SHARED_STORE_SCHEMES):
         from server.policy.redis_store import RedisLimitStore
 
         return RedisLimitStore(url, **options)  # type: ignore[arg-type]
