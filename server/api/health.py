@@ -7,6 +7,7 @@ from starlette.responses import JSONResponse, Response
 
 from server.identity.authz import requires
 from server.identity.rbac import PUBLIC
+from server.observability.pools import read_app_pools
 
 router = APIRouter()
 
@@ -41,10 +42,7 @@ def metrics_router(public: bool) -> APIRouter:
     @metrics_routes.get("/metrics", dependencies=[requires(PUBLIC if public else "metrics:read")])
     async def metrics(request: Request) -> Response:
         state = request.app.state
-        # Gate snapshots and pool states are read here, on the event loop; device figures off it.
-        pools = await state.metrics.pools.read(
-            state.settings.pools, state.gatekeeper.snapshot(), dict(state.pool_control.states)
-        )
+        pools = await read_app_pools(state)
         return Response(state.metrics.render(pools), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return metrics_routes

@@ -131,3 +131,11 @@ class PoolCollector(Collector):
                         index = "host" if device.index is None else str(device.index)
                         family.add_metric([reading.name, index, device.kind, device.name], float(value) / divisor)
             yield family
+
+
+async def read_app_pools(state: Any) -> list[PoolReading]:
+    """Every configured pool of the running app (`app.state`), as /metrics and /v1/admin/pools show them: gate
+    snapshots and pool states taken now, on the event loop; device figures off it, time-bounded."""
+    return await state.metrics.pools.read(
+        state.settings.pools, state.gatekeeper.snapshot(), dict(state.pool_control.states)
+    )

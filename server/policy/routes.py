@@ -19,6 +19,7 @@ from server.api.body import read_body
 from server.api.protocol import StrictModel, parse_request
 from server.identity.authn import client_addr, principal_of
 from server.identity.authz import requires
+from server.observability.pools import read_app_pools
 from server.policy.limits import Limits
 from server.policy.overrides import compact_limits, read_limits, write_limits
 
@@ -68,9 +69,7 @@ async def set_limits(scope: str, request: Request) -> dict[str, Any]:
 async def list_pools(request: Request) -> dict[str, Any]:
     state = request.app.state
     # The same per-scrape reading as /metrics: a hung device driver delays this by its timeout, no more.
-    readings = await state.metrics.pools.read(
-        state.settings.pools, state.gatekeeper.snapshot(), dict(state.pool_control.states)
-    )
+    readings = await read_app_pools(state)
     data = []
     for pool, reading in zip(state.settings.pools, readings, strict=True):
         data.append(
