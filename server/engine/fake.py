@@ -32,6 +32,10 @@ class ByteTokenizer:
 
     eos_token_id: int | None = _EOS
 
+    @property
+    def vocab_size(self) -> int:
+        return 256 + _OFFSET  # every byte, plus end-of-sequence
+
     def encode(self, text: str) -> list[int]:
         return [b + _OFFSET for b in text.encode("utf-8")]
 

@@ -6,6 +6,7 @@ reach Python internals) becomes a 400 for the request, never a 500.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,15 @@ class HfTokenizer:
         if not getattr(self._tok, "chat_template", None):
             raise ValueError(f"the tokenizer in {path} has no chat template")
         self.eos_token_id: int | None = self._tok.eos_token_id
+        self._vocab_size = max(len(self._tok), _config_vocab_size(path))
+
+    @property
+    def vocab_size(self) -> int:
+        """Every id the tokenizer (base vocabulary plus added tokens, `len(tokenizer)`) or the model's output
+        layer (`vocab_size` in config.json, often padded past the tokenizer) can produce.
+
+        HF tokenizers' own `vocab_size` attribute counts the base vocabulary only, without added tokens."""
+        return self._vocab_size
 
     @property
     def hf(self) -> Any:
@@ -49,3 +59,19 @@ class HfTokenizer:
                 param="messages",
             ) from exc
         return self.encode(str(text))
+
+
+def _config_vocab_size(path: Path) -> int:
+    """The output layer's size from the model folder's config.json (0 when it does not say)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    if not isinstance(config, dict):
+        return 0
+    text_config = config.get("text_config")
+    for source in (config, text_config if isinstance(text_config, dict) else {}):
+        value = source.get("vocab_size")
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0

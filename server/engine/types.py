@@ -109,6 +109,11 @@ class Tokenizer(Protocol):
 
     eos_token_id: int | None
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are 0 <= id < vocab_size: every id the tokenizer or the model's output layer can produce."""
+        ...
+
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...

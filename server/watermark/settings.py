@@ -34,7 +34,20 @@ class WatermarkSettings(BaseModel):
     detect_p_threshold: float = Field(default=1e-4, gt=0.0, lt=0.5)
     detect_min_tokens: int = Field(default=16, ge=1)
     detect_max_tokens: int = Field(default=8192, ge=16)
-    # The detector is an oracle (an attacker can edit a text until it passes): rate-limit it.
-    detect_requests_per_minute: int = Field(default=30, ge=1)
+    # The detector is an oracle (an attacker can edit a text until the verdict flips): every call is charged
+    # to the caller's user AND organization (never per API key: minting keys buys nothing), per sliding
+    # minute and per UTC day, in the shared limit store (`admission.store_url`), so replicas share them.
+    detect_requests_per_minute: int = Field(default=30, ge=1)  # per user
+    detect_requests_per_day: int = Field(default=500, ge=1)  # per user
+    detect_org_requests_per_minute: int = Field(default=120, ge=1)
+    detect_org_requests_per_day: int = Field(default=2000, ge=1)
+    # Probing: `detect_probe_threshold` near-identical queries (token-shingle overlap >= similarity, exact
+    # repeats excepted) within the window, from one organization or across organizations, are a security
+    # event; the caller (and its organization, when several users took part) is then refused for the
+    # cool-down and loses the rest of the day's budget on every replica. See docs/watermark.md, Detection.
+    detect_probe_similarity: float = Field(default=0.6, gt=0.0, le=1.0)
+    detect_probe_threshold: int = Field(default=8, ge=2)
+    detect_probe_window_seconds: float = Field(default=3600.0, gt=0.0, le=7 * 86_400.0)
+    detect_probe_cooldown_seconds: float = Field(default=3600.0, ge=0.0, le=7 * 86_400.0)
     # How long a replica trusts its cached keys and exemptions before re-reading the database.
     cache_seconds: float = Field(default=10.0, ge=0.0, le=300.0)
