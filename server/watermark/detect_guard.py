@@ -169,7 +169,7 @@ class DetectGuard:
         cooldown = self.settings.detect_probe_cooldown_seconds
         raise DetectionSuspended(
             f"Watermark detection is suspended for this {' and '.join(suspended)}: "
-            f"{finding.near_duplicates + 1} near-identical detection queries within "
+            f"{finding.count} near-identical detection queries within "
             f"{self.settings.detect_probe_window_seconds:g} s look like probing of the watermark, and the event "
             "was recorded. The rest of today's detection budget is withdrawn. Ask an administrator if this is a "
             "mistake.",

@@ -21,7 +21,10 @@ cannot push an organization's probes out) and one deployment-wide ring (so probe
 organizations, all of which test the default key, are counted together). Organizations are kept in LRU
 order up to `max_orgs`. Everything is bounded; nothing is keyed by request content.
 
-A query is flagged when it and its remembered near-duplicates within `window_seconds` reach `threshold`.
+A query is flagged when it, its organization's remembered near-duplicates within `window_seconds`, and
+the number of OTHER organizations that sent near-duplicates reach `threshold`. Other organizations count
+once each, so a tenant cannot get another tenant's honest query flagged by seeding variants of a text
+(poisoning) unless it controls `threshold - 1` organizations; organizations are created by the owner only.
 Per replica: an attacker who spreads queries over N replicas meets N times the threshold (the budgets in
 `detect_guard`, which every replica shares, still bound the total).
 """
@@ -128,9 +131,16 @@ class _Ring:
 
 @dataclass(frozen=True)
 class ProbeFinding:
-    near_duplicates: int  # remembered near-identical queries within the window (this one not counted)
+    near_duplicates: int  # remembered near-identical queries of the caller's organization within the window
+    other_orgs: int  # other organizations that sent near-identical queries within the window
     cluster: frozenset[Who]  # who sent them, the caller included
     flagged: bool
+
+    @property
+    def count(self) -> int:
+        """What is compared with the threshold: this query, its organization's near-duplicates, and one per
+        other organization (however many that organization sent)."""
+        return 1 + self.near_duplicates + self.other_orgs
 
     def users_in_org(self, org_id: str) -> int:
         return sum(1 for org, _ in self.cluster if org == org_id)
@@ -168,11 +178,13 @@ class ProbeMemory:
             self._orgs[org_id] = ring  # most recently used last
             while len(self._orgs) > self._max_orgs:
                 self._orgs.popitem(last=False)
-            near = ring.near(fp, now, self.window, self.similarity, None)
-            near += self._deployment.near(fp, now, self.window, self.similarity, org_id)  # other orgs only
+            own = ring.near(fp, now, self.window, self.similarity, None)
+            others = self._deployment.near(fp, now, self.window, self.similarity, org_id)  # other orgs only
             ring.add(fp, who, now)
             self._deployment.add(fp, who, now)
-        return ProbeFinding(len(near), frozenset([who, *near]), len(near) + 1 >= self.threshold)
+        other_orgs = len({org for org, _ in others})
+        flagged = 1 + len(own) + other_orgs >= self.threshold
+        return ProbeFinding(len(own), other_orgs, frozenset([who, *own, *others]), flagged)
 
     def orgs_remembered(self) -> int:
         return len(self._orgs)
@@ -182,8 +194,8 @@ def report_probe(audit: AuditSink, actor: Actor, finding: ProbeFinding, *, model
     """The one place a probing finding leaves this module: a `watermark.probe` audit event (outcome
     `flagged`) and a warning. The security-event stream of a later issue hooks in here."""
     log.warning(
-        "watermark detection probing: org %s, %d near-identical queries from %d users in %d orgs; suspended %s",
-        actor.org_id, finding.near_duplicates + 1, len(finding.cluster), finding.orgs, ", ".join(suspended),
+        "watermark detection probing: org %s, count %d (%d users in %d orgs); suspended %s",
+        actor.org_id, finding.count, len(finding.cluster), finding.orgs, ", ".join(suspended),
     )  # fmt: skip
     audit.submit(
         actor,
@@ -191,6 +203,7 @@ def report_probe(audit: AuditSink, actor: Actor, finding: ProbeFinding, *, model
         "flagged",
         model=model,
         near_duplicates=finding.near_duplicates + 1,
+        other_orgs=finding.other_orgs,
         users=len(finding.cluster),
         orgs=finding.orgs,
         suspended=suspended,

@@ -87,7 +87,17 @@ def test_probes_spread_over_organizations_are_counted_together(wm):
     base = _base(3)
     statuses = [wm.post(wm.key(wm.user(f"org-{i}")), text=_variant(base, i)).status_code for i in range(THRESHOLD)]
     assert statuses == [200] * (THRESHOLD - 1) + [429]
-    assert wm.audit("watermark.probe")[0].details["orgs"] == THRESHOLD
+    event = wm.audit("watermark.probe")[0]
+    assert event.details["orgs"] == THRESHOLD and event.details["other_orgs"] == THRESHOLD - 1
+
+
+def test_another_tenant_cannot_get_an_honest_query_flagged(wm):
+    """Seeding variants of a text from one organization (poisoning) counts once for everyone else."""
+    base, seeder = _base(6), wm.key(wm.user("mallory-inc"))
+    for i in range(THRESHOLD - 1):
+        assert wm.post(seeder, text=_variant(base, i)).is_success
+    assert wm.post(wm.key(wm.user("acme")), text=_variant(base, 100)).is_success
+    assert wm.audit("watermark.probe") == []
 
 
 def test_old_queries_leave_the_window(tmp_path):
