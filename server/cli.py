@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_watermark_commands(sub, add)
     _add_limits_commands(sub, add)
 
-    routes = add("routes", cmd_routes, "list every route with its required permission")
+    routes = add(
+        "routes", cmd_routes, "list every route with its required permission and its scope (installation/organization)"
+    )
     routes.add_argument("--json", action="store_true", help="print as JSON")
     return parser
 
@@ -248,7 +250,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for row in rows:
-            print(f"{','.join(row['methods']):8s} {row['path']:45s} {row['permission']}")
+            print(f"{','.join(row['methods']):8s} {row['path']:45s} {row['permission']:20s} {row['scope']}")
     return 0
 
 

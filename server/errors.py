@@ -8,6 +8,10 @@
     ├── Unauthenticated (401, code=invalid_api_key / invalid_token / missing_credentials …)
     │   └── StepUpRequired (401, code=mfa_step_up_required)
     ├── PermissionDenied (403, code=permission_denied / model_not_allowed)
+    │   ├── GrantRefused (403, code=grant_exceeds_permissions / installation_permission): granting more than
+    │   │   the caller holds, or an installation permission to an organization role
+    │   └── InteractiveSessionRequired (403, code=interactive_session_required): changing authentication
+    │       factors with an API key (or a token minted from one)
     ├── TooManyAttempts (429, code=too_many_attempts, Retry-After)
     ├── Conflict (409, code=conflict)
     ├── NotFound (404, invalid_request_error, code=model_not_found / not_found)
@@ -79,6 +83,14 @@ class PermissionDenied(ServerError):
     status_code = 403
     error_type = "invalid_request_error"
     default_code = "permission_denied"
+
+
+class GrantRefused(PermissionDenied):
+    default_code = "grant_exceeds_permissions"
+
+
+class InteractiveSessionRequired(PermissionDenied):
+    default_code = "interactive_session_required"
 
 
 class TooManyAttempts(ServerError):

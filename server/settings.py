@@ -103,9 +103,52 @@ class AuthSettings(BaseModel):
     lockout_threshold: int = Field(default=5, ge=1)
     lockout_base_seconds: float = Field(default=1.0, gt=0)
     lockout_max_seconds: float = Field(default=900.0, gt=0)
+    # The per-address throttle (see server/identity/lockout.py): it counts only failures, a success takes back
+    # that account's failures from the address, its locks are shorter and its counts forgotten sooner than the
+    # per-account ones, and it never stops an account that proves its second factor.
+    lockout_address_threshold: int = Field(default=10, ge=1)
+    lockout_address_max_seconds: float = Field(default=300.0, gt=0)
+    lockout_address_forget_seconds: float = Field(default=900.0, gt=0)
     password_min_length: int = Field(default=12, ge=8)
     # /metrics needs the `metrics:read` permission unless this is true (then bind it to a private address).
     metrics_public: bool = False
+
+
+class NetworkSettings(BaseModel):
+    """Who is at the other end of a connection (server/identity/clients.py)."""
+
+    model_config = {"extra": "forbid"}
+
+    # Addresses or CIDR networks of the reverse proxies whose forwarding header is believed. Empty (the
+    # default): the TCP peer is the client, and X-Forwarded-For / Forwarded are ignored.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # The one header those proxies set (a proxy that sets one passes the other through from the client).
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {item!r} is not an IP address or CIDR network") from None
+        return value
+
+
+class AuditSettings(BaseModel):
+    """Audit storage bounds (server/audit)."""
+
+    model_config = {"extra": "forbid"}
+
+    # Failed authentications (missing or bad credentials, failed logins) are counted in memory per action,
+    # source address and reason, and written as one row each per interval, every field truncated: whatever
+    # the traffic, they add at most (failure_max_rows + 2) rows of at most audit.failures.MAX_ROW_BYTES each
+    # per interval (sources beyond failure_max_rows share one overflow row per action).
+    failure_interval_seconds: float = Field(default=60.0, gt=0, le=3600)
+    failure_max_rows: int = Field(default=100, ge=1, le=10_000)
 
 
 class AdmissionSettings(BaseModel):
@@ -180,6 +223,8 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    network: NetworkSettings = Field(default_factory=NetworkSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     watermark: WatermarkSettings = Field(default_factory=WatermarkSettings)
 

@@ -25,6 +25,7 @@ class AuditEvent(Base):
     target_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     outcome: Mapped[str] = mapped_column(String(16), nullable=False)  # success | failure | denied
     client_addr: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    peer_addr: Mapped[str | None] = mapped_column(String(64), nullable=True)
     request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
     prev_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)

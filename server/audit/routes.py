@@ -29,6 +29,7 @@ def event_view(e: AuditEvent) -> dict[str, Any]:
         "target_type": e.target_type,
         "target_id": e.target_id,
         "client_addr": e.client_addr,
+        "peer_addr": e.peer_addr,
         "request_id": e.request_id,
         "details": e.details,
     }

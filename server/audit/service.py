@@ -18,8 +18,9 @@ class Actor:
     type: str  # user | key | system | anonymous
     id: str | None = None
     org_id: str | None = None
-    client_addr: str | None = None
+    client_addr: str | None = None  # the effective client (from a trusted proxy's header, else the TCP peer)
     request_id: str | None = None
+    peer_addr: str | None = None  # the TCP peer the request arrived from
 
     @classmethod
     def system(cls) -> Actor:
@@ -47,6 +48,7 @@ def record(
             target_type=target_type,
             target_id=target_id,
             client_addr=actor.client_addr,
+            peer_addr=actor.peer_addr,
             request_id=actor.request_id,
             details=details,
         )

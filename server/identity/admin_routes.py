@@ -1,7 +1,9 @@
 """Admin API for organizations, users, roles, API keys and signing keys. Org-isolated, audited.
 
 Reads of another organization's objects answer 404 (their existence is not revealed) unless the caller is
-the installation's owner.
+the installation's owner. Every grant (a key, a role, a role assignment, a user with roles) is bounded by
+what the caller holds (`server.identity.grants`); a refusal is audited (outcome `denied`) and changes
+nothing, since the refused operation's transaction rolls back.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from server.api.body import read_body
 from server.api.protocol import StrictModel, parse_request
 from server.audit.service import record
 from server.errors import InvalidRequest, NotFound, PermissionDenied, StepUpRequired
-from server.identity import service
-from server.identity.apikeys import create_key, key_view, revoke_key, rotate_key
+from server.identity import grants, service
+from server.identity.apikeys import create_key, key_permissions, key_view, revoke_key, rotate_key, user_roles
 from server.identity.authn import client_addr, principal_of
 from server.identity.authz import requires
 from server.identity.models import ApiKey, Organization, Role, User
 from server.identity.passwords import check_policy
 from server.identity.principal import Principal
-from server.identity.rbac import ADMIN_ROLES, UnknownScope
+from server.identity.rbac import UnknownScope, role_scope
 
 router = APIRouter(prefix="/v1/admin")
 _BODY_LIMIT = 64 * 1024
@@ -41,7 +43,7 @@ class OrgCreate(StrictModel):
 
 class UserCreate(StrictModel):
     email: str = Field(min_length=3, max_length=320)
-    roles: list[str] = Field(default_factory=lambda: ["developer"], max_length=16)
+    roles: list[str] = Field(default_factory=list, max_length=16)  # roles given here are a role assignment
     password: str | None = Field(default=None, max_length=256)
     display_name: str = Field(default="", max_length=200)
     org_id: str | None = None
@@ -66,11 +68,15 @@ class KeyCreate(StrictModel):
     user_id: str | None = None
 
 
-async def _in_thread(request: Request, work: Callable[[Session, Principal], T], *, invalidates: bool = False) -> T:
+async def _in_thread(
+    request: Request, action: str, work: Callable[[Session, Principal], T], *, invalidates: bool = False
+) -> T:
     """Run a blocking admin operation in one transaction, with the caller resolved.
 
-    `invalidates`: the change alters what credentials may do, so this replica drops its credential cache
-    as soon as the transaction commits (other replicas follow through the change counter)."""
+    A refusal (permission, grant bound, step-up) raised by `work` rolls the transaction back and is audited
+    as `action` with outcome `denied`. `invalidates`: the change alters what credentials may do, so this
+    replica drops its credential cache as soon as the transaction commits (other replicas follow through
+    the change counter)."""
     principal = principal_of(request)
 
     def run() -> T:
@@ -80,7 +86,18 @@ async def _in_thread(request: Request, work: Callable[[Session, Principal], T], 
             request.app.state.authenticator.invalidate()
         return result
 
-    return await asyncio.to_thread(run)
+    try:
+        return await asyncio.to_thread(run)
+    except (PermissionDenied, StepUpRequired) as exc:
+        request.app.state.audit_sink.submit(
+            principal.actor(client_addr(request)),
+            action,
+            "denied",
+            reason=exc.code,
+            message=exc.message[:300],
+            path=request.url.path,
+        )
+        raise
 
 
 def _step_up(request: Request, principal: Principal, what: str) -> None:
@@ -124,10 +141,12 @@ async def list_orgs(request: Request) -> dict[str, Any]:
         if after:
             query = query.where(Organization.id > after)
         rows = list(session.scalars(query))
-        data = [{"id": o.id, "object": "organization", "name": o.name, "disabled": o.disabled} for o in rows[:limit]]
+        data: list[dict[str, Any]] = [
+            {"id": o.id, "object": "organization", "name": o.name, "disabled": o.disabled} for o in rows[:limit]
+        ]
         return service.Page(data, len(rows) > limit, data[-1]["id"] if len(rows) > limit else None).as_dict()
 
-    return await _in_thread(request, work)
+    return await _in_thread(request, "orgs.list", work)
 
 
 @router.post("/orgs", dependencies=[requires("orgs:write")], status_code=201)
@@ -138,7 +157,7 @@ async def create_org(request: Request) -> dict[str, Any]:
         org = service.create_org(session, p.actor(client_addr(request)), req.name)
         return {"id": org.id, "object": "organization", "name": org.name}
 
-    return await _in_thread(request, work)
+    return await _in_thread(request, "orgs.create", work)
 
 
 # -- users ----------------------------------------------------------------------------------------------
@@ -158,7 +177,7 @@ async def list_users(request: Request) -> dict[str, Any]:
         data = [service.user_view(session, u) for u in rows[:limit]]
         return service.Page(data, len(rows) > limit, data[-1]["id"] if len(rows) > limit else None).as_dict()
 
-    return await _in_thread(request, work)
+    return await _in_thread(request, "users.list", work)
 
 
 @router.post("/users", dependencies=[requires("users:write")], status_code=201)
@@ -169,12 +188,12 @@ async def create_user(request: Request) -> dict[str, Any]:
     def work(session: Session, p: Principal) -> dict[str, Any]:
         org_id = req.org_id or p.org_id
         _visible(p, org_id, "Organization")
-        if set(req.roles) & ADMIN_ROLES or set(req.roles) - {"developer", "client", "auditor", "operator"}:
+        if req.roles:  # creating a user with roles is assigning them
             if not p.can("roles:write"):
-                raise PermissionDenied("Granting these roles needs the 'roles:write' permission.")
-            _step_up(request, p, "Creating an administrator")
-        if "owner" in req.roles and not p.is_owner:
-            raise PermissionDenied("Only the owner can create owners.")
+                raise PermissionDenied("Creating a user with roles assigns them: that needs 'roles:write'.")
+            _step_up(request, p, "Assigning roles")
+            granted = service.role_permissions(session, req.roles, org_id)
+            grants.check_assignment(p, req.roles, granted, frozenset())
         password_hash = None
         if req.password is not None:
             try:
@@ -193,7 +212,7 @@ async def create_user(request: Request) -> dict[str, Any]:
         )
         return service.user_view(session, user)
 
-    return await _in_thread(request, work)
+    return await _in_thread(request, "users.create", work, invalidates=bool(req.roles))
 
 
 @router.get("/users/{user_id}", dependencies=[requires("users:read")])
@@ -205,7 +224,7 @@ async def get_user(user_id: str, request: Request) -> dict[str, Any]:
         _visible(p, user.org_id, "User")
         return service.user_view(session, user)
 
-    return await _in_thread(request, work)
+    return await _in_thread(request, "users.get", work)
 
 
 @router.put("/users/{user_id}/roles", dependencies=[requires("roles:write")])
@@ -217,12 +236,12 @@ async def set_user_roles(user_id: str, request: Request) -> dict[str, Any]:
         if user is None:
             raise NotFound("User not found.")
         _visible(p, user.org_id, "User")
-        if "owner" in req.roles and not p.is_owner:
-            raise PermissionDenied("Only the owner can grant the owner role.")
+        granted = service.role_permissions(session, req.roles, user.org_id)
+        grants.check_assignment(p, req.roles, granted, user_roles(session, user.id)[1])
         service.set_roles(session, p.actor(client_addr(request)), user, req.roles)
         return service.user_view(session, user)
 
-    return await _in_thread(request, work, invalidates=True)
+    return await _in_thread(request, "users.roles", work, invalidates=True)
 
 
 @router.post("/users/{user_id}/disable", dependencies=[requires("users:write")])
@@ -232,10 +251,11 @@ async def disable_user(user_id: str, request: Request) -> dict[str, Any]:
         if user is None:
             raise NotFound("User not found.")
         _visible(p, user.org_id, "User")
+        grants.check_may_manage(p, user_roles(session, user.id)[1], "Disabling this user")
         service.set_disabled(session, p.actor(client_addr(request)), user, True)
         return service.user_view(session, user)
 
-    return await _in_thread(request, work, invalidates=True)
+    return await _in_thread(request, "users.disable", work, invalidates=True)
 
 
 # -- roles ----------------------------------------------------------------------------------------------
@@ -253,12 +273,13 @@ async def list_roles(request: Request) -> dict[str, Any]:
                 "description": r.description,
                 "permissions": r.permissions,
                 "org_id": r.org_id,
+                "scope": role_scope(r.name) if r.builtin else "organization",
             }
             for r in rows
         ]
         return service.Page(data, False, None).as_dict()
 
-    return await _in_thread(request, work)
+    return await _in_thread(request, "roles.list", work)
 
 
 @router.post("/roles", dependencies=[requires("roles:write")], status_code=201)
@@ -266,22 +287,29 @@ async def create_role(request: Request) -> dict[str, Any]:
     req = parse_request(RoleCreate, await read_body(request, _BODY_LIMIT))
 
     def work(session: Session, p: Principal) -> dict[str, Any]:
+        grants.check_role_contents(p, req.permissions)
         role = service.create_role(
             session, p.actor(client_addr(request)), p.org_id, req.name, req.permissions, req.description
         )
         return {"name": role.name, "object": "role", "permissions": role.permissions, "org_id": role.org_id}
 
-    return await _in_thread(request, work)
+    return await _in_thread(request, "roles.create", work)
 
 
 # -- API keys -------------------------------------------------------------------------------------------
-def _key_for_change(session: Session, p: Principal, key_id: str) -> ApiKey:
+def _key_for_change(session: Session, p: Principal, key_id: str, *, hands_over: bool) -> ApiKey:
+    """The key to rotate (`hands_over`: its new secret goes to the caller) or revoke.
+
+    Another user's key needs `keys:admin`; a key that can do more than the caller is refused for rotation
+    always (the caller would get its powers) and for revocation when it is someone else's."""
     row = session.get(ApiKey, key_id)
     if row is None:
         raise NotFound("API key not found.")
     _visible(p, row.org_id, "API key")
     if row.user_id != p.user_id and not p.can("keys:admin"):
         raise PermissionDenied("Changing other users' keys needs the 'keys:admin' permission.")
+    if hands_over or row.user_id != p.user_id:
+        grants.check_may_manage(p, key_permissions(session, row), "Rotating or revoking this key")
     return row
 
 
@@ -304,7 +332,7 @@ async def list_keys(request: Request) -> dict[str, Any]:
         data = [key_view(k) for k in rows[:limit]]
         return service.Page(data, len(rows) > limit, data[-1]["id"] if len(rows) > limit else None).as_dict()
 
-    return await _in_thread(request, work)
+    return await _in_thread(request, "keys.list", work)
 
 
 @router.post("/keys", dependencies=[requires("keys:write")], status_code=201)
@@ -321,6 +349,7 @@ async def create_api_key(request: Request) -> dict[str, Any]:
         if owner_id != p.user_id and not p.can("keys:admin"):
             raise PermissionDenied("Creating keys for other users needs the 'keys:admin' permission.")
         try:
+            grants.check_key_grant(p, req.scopes, user_roles(session, owner.id)[1], for_self=owner_id == p.user_id)
             row, plaintext = create_key(
                 session,
                 keyring.mac,
@@ -348,7 +377,7 @@ async def create_api_key(request: Request) -> dict[str, Any]:
         )
         return {**key_view(row), "key": plaintext}
 
-    return await _in_thread(request, work)
+    return await _in_thread(request, "keys.create", work)
 
 
 @router.post("/keys/{key_id}/rotate", dependencies=[requires("keys:write")])
@@ -356,7 +385,7 @@ async def rotate_api_key(key_id: str, request: Request) -> dict[str, Any]:
     state = request.app.state
 
     def work(session: Session, p: Principal) -> dict[str, Any]:
-        row = _key_for_change(session, p, key_id)
+        row = _key_for_change(session, p, key_id, hands_over=True)
         if row.revoked_at is not None:
             raise InvalidRequest("A revoked key cannot be rotated.")
         if row.user_id != p.user_id:
@@ -373,13 +402,13 @@ async def rotate_api_key(key_id: str, request: Request) -> dict[str, Any]:
         )
         return {**key_view(row), "key": plaintext}
 
-    return await _in_thread(request, work, invalidates=True)
+    return await _in_thread(request, "keys.rotate", work, invalidates=True)
 
 
 @router.post("/keys/{key_id}/revoke", dependencies=[requires("keys:write")])
 async def revoke_api_key(key_id: str, request: Request) -> dict[str, Any]:
     def work(session: Session, p: Principal) -> dict[str, Any]:
-        row = _key_for_change(session, p, key_id)
+        row = _key_for_change(session, p, key_id, hands_over=False)
         revoke_key(session, row)
         record(
             session,
@@ -392,7 +421,7 @@ async def revoke_api_key(key_id: str, request: Request) -> dict[str, Any]:
         )
         return key_view(row)
 
-    return await _in_thread(request, work, invalidates=True)
+    return await _in_thread(request, "keys.revoke", work, invalidates=True)
 
 
 # -- signing keys ---------------------------------------------------------------------------------------
@@ -417,4 +446,4 @@ async def rotate_signing_key(request: Request) -> dict[str, Any]:
         )
         return {"kid": kid}
 
-    return await _in_thread(request, work)
+    return await _in_thread(request, "signing_keys.rotate", work)

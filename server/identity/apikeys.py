@@ -19,7 +19,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from server.identity.models import ApiKey, ChangeCounter, Organization, Role, User, UserRole
-from server.identity.rbac import BUILTIN_ROLES, expand_scopes
+from server.identity.rbac import BUILTIN_ROLES, ORGANIZATION_PERMISSIONS, PERMISSIONS, UnknownScope, expand_scopes
 
 KEY_RE = re.compile(r"sk-([a-z0-9]{12})-([A-Za-z0-9_-]{43})")
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -64,17 +64,34 @@ def credentials_epoch(session: Session) -> int:
 
 
 def user_roles(session: Session, user_id: str) -> tuple[tuple[str, ...], frozenset[str]]:
-    """Role names and their permissions. Built-in roles take their permissions from code, not the DB."""
+    """Role names and their permissions. Built-in roles take their permissions from code, not the DB; a custom
+    (organization) role contributes organization permissions only, whatever its row says, and one that
+    carries a built-in role's name is ignored."""
     rows = session.execute(
-        select(Role.name, Role.permissions, Role.builtin)
+        select(Role.name, Role.permissions, Role.builtin, Role.org_id)
         .join(UserRole, UserRole.role_id == Role.id)
         .where(UserRole.user_id == user_id)
     ).all()
-    names, perms = [], set()
-    for name, permissions, builtin in rows:
-        names.append(name)
-        perms |= set(BUILTIN_ROLES[name][1] if builtin and name in BUILTIN_ROLES else permissions or ())
+    names: list[str] = []
+    perms: set[str] = set()
+    for name, permissions, builtin, org_id in rows:
+        if builtin and org_id is None and name in BUILTIN_ROLES:
+            names.append(name)
+            perms |= BUILTIN_ROLES[name][1]
+        elif not builtin and name not in BUILTIN_ROLES:
+            names.append(name)
+            perms |= set(permissions or ()) & ORGANIZATION_PERMISSIONS
     return tuple(sorted(names)), frozenset(perms)
+
+
+def key_permissions(session: Session, row: ApiKey) -> frozenset[str]:
+    """What a key can do now: its owner's role permissions ∩ its scopes (everything, if a stored scope is
+    no longer known: callers use this to refuse, so unknown means as powerful as can be)."""
+    _, perms = user_roles(session, row.user_id)
+    try:
+        return perms & expand_scopes(row.scopes)
+    except UnknownScope:
+        return frozenset(PERMISSIONS)
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,15 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import update
 from starlette.requests import Request
 
-from server.audit.service import Actor
 from server.audit.sink import AuditSink
 from server.errors import AuthUnavailable, Unauthenticated
 from server.identity.apikeys import KeyRecord, aware, credentials_epoch, load_key, parse_key, user_roles
+from server.identity.clients import ClientAddress, ProxyTrust, anonymous_actor
 from server.identity.models import ApiKey, Organization, User
 from server.identity.principal import Principal
 from server.identity.rbac import UnknownScope, expand_scopes
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _MAX_ENTRIES = 100_000
 _LAST_USED_EVERY = 60.0
+_UNRESOLVED = object()
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class Authenticator:
 
     # -- entry point ----------------------------------------------------------------------------------
     async def authenticate(self, request: Request) -> Principal:
-        actor = Actor(type="anonymous", client_addr=client_addr(request), request_id=None)
+        address = client_addr(request)
         header = request.headers.get("authorization")
         try:
             if not header:
@@ -129,11 +130,10 @@ class Authenticator:
             await self._ensure_fresh()
             principal = await (self._from_key(value) if value.startswith("sk-") else self._from_token(value))
         except Unauthenticated as exc:
-            self._audit.submit(actor, "authn", "failure", reason=exc.code, path=request.url.path)
+            # Anyone can cause these: tallied, not one row each (server/audit/failures.py).
+            self._audit.failure(anonymous_actor(address), "authn", exc.code or "invalid", path=request.url.path)
             raise
-        self._audit.submit(
-            principal.actor(actor.client_addr), "authn", "success", via=principal.via, path=request.url.path
-        )
+        self._audit.submit(principal.actor(address), "authn", "success", via=principal.via, path=request.url.path)
         return principal
 
     # -- API keys -------------------------------------------------------------------------------------
@@ -250,11 +250,8 @@ class Authenticator:
             epoch = self._epoch
             with self._db.session() as session:
                 row = session.get(ApiKey, key_id)
-                active = (
-                    row is not None
-                    and row.revoked_at is None
-                    and (row.expires_at is None or aware(row.expires_at) > datetime.now(UTC))
-                )  # type: ignore[operator]
+                expires = aware(row.expires_at) if row is not None else None
+                active = row is not None and row.revoked_at is None and (expires is None or expires > datetime.now(UTC))
             if epoch == self._epoch:
                 self._key_active[key_id] = active
             return active
@@ -262,8 +259,21 @@ class Authenticator:
         return await asyncio.to_thread(load)
 
 
-def client_addr(request: Request) -> str | None:
-    return request.client.host if request.client else None
+def client_addr(request: Request) -> ClientAddress | None:
+    """The client's address: the TCP peer, or what a trusted proxy forwarded (server/identity/clients.py).
+
+    A `str` carrying the peer too; resolved once per request."""
+    cached: Any = getattr(request.state, "client_address", _UNRESOLVED)
+    if cached is not _UNRESOLVED:
+        return cast(ClientAddress | None, cached)
+    state = request.app.state
+    trust = getattr(state, "proxy_trust", None)
+    if trust is None:
+        network = state.settings.network
+        trust = state.proxy_trust = ProxyTrust(network.trusted_proxies, network.forwarded_header)
+    address = trust.resolve(request.client.host if request.client else None, request.headers)
+    request.state.client_address = address
+    return address
 
 
 def principal_of(request: Request) -> Principal:

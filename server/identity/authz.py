@@ -3,7 +3,10 @@
 Every route declares exactly one `Requires(permission)` dependency (or `Requires(PUBLIC)`);
 `check_route_declarations` refuses to build an app with an undeclared route, and a test enumerates the
 routes too. The dependency authenticates, checks the permission, enforces the MFA step-up for privileged
-permissions and audits denials.
+permissions and audits denials. A route whose permission has installation scope (`rbac.CATALOG`) also
+checks that the caller holds an installation role: organization roles cannot hold such permissions in the
+first place, and this check makes sure that stays true at the door too. `route_table` shows each route's
+scope (`python -m server routes`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from starlette.requests import Request
 from server.errors import PermissionDenied, StepUpRequired
 from server.identity.authn import client_addr
 from server.identity.principal import Principal
-from server.identity.rbac import PERMISSIONS, PUBLIC, STEP_UP
+from server.identity.rbac import INSTALLATION, PERMISSIONS, PUBLIC, STEP_UP, permission_scope
 
 
 class Requires:
@@ -27,6 +30,7 @@ class Requires:
             raise ValueError(f"unknown permission {permission!r}")
         self.permission = permission
         self.step_up = permission in STEP_UP
+        self.scope = permission_scope(permission)
 
     async def __call__(self, request: Request) -> Principal | None:
         if self.permission == PUBLIC:
@@ -34,7 +38,10 @@ class Requires:
         state = request.app.state
         principal = await state.authenticator.authenticate(request)
         request.state.principal = principal
-        if not principal.can(self.permission):
+        allowed = principal.can(self.permission)
+        if self.scope == INSTALLATION and not principal.holds_installation_role:
+            allowed = False
+        if not allowed:
             state.audit_sink.submit(
                 principal.actor(client_addr(request)),
                 "authz",
@@ -76,10 +83,16 @@ def route_permission(route: APIRoute) -> str | None:
 
 
 def route_table(app: FastAPI) -> list[dict[str, Any]]:
+    """Every route with its permission and that permission's scope of authority (installation, organization,
+    or public)."""
     rows = []
     for route in app.routes:
         if isinstance(route, APIRoute):
-            rows.append({"path": route.path, "methods": sorted(route.methods), "permission": route_permission(route)})
+            permission = route_permission(route)
+            scope = None if permission is None else (permission_scope(permission) or PUBLIC)
+            rows.append(
+                {"path": route.path, "methods": sorted(route.methods), "permission": permission, "scope": scope}
+            )
     return sorted(rows, key=lambda r: (r["path"], r["methods"]))
 
 

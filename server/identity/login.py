@@ -1,24 +1,28 @@
 """`POST /v1/auth/token`: exchange an API key, or a password plus a second factor, for a short-lived JWT.
 
 Password logins cost the same whether or not the account exists (a dummy hash is verified for unknown
-emails), answer identically for an unknown email and a wrong password, and are throttled per email and per
-client address with exponential backoff. A successful login clears the email's counter only, so an
-address that sprays many accounts stays throttled.
+emails), answer identically for an unknown email and a wrong password, and are throttled per account and
+per client address (`server.identity.lockout.LoginLockout`). An email may exist in several organizations:
+the request then names one (`organization`, its id or name); without it such an address logs in as no one,
+exactly like an unknown one. Failures are audited in aggregate (`AuditSink.failure`), never one row each.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Literal
 
 from pydantic import Field
-from sqlalchemy import select
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
 
 from server.api.protocol import StrictModel
 from server.audit.service import Actor, record
+from server.audit.sink import AuditSink
 from server.errors import InvalidRequest, TooManyAttempts, Unauthenticated
-from server.identity.lockout import LoginThrottle
-from server.identity.models import User
+from server.identity.lockout import LockState, LoginLockout
+from server.identity.models import Organization, User
 from server.identity.passwords import PasswordHasher
 from server.identity.principal import Principal
 from server.identity.rbac import UnknownScope, expand_scopes
@@ -27,11 +31,19 @@ from server.identity.totp import TotpService
 from server.settings import AuthSettings
 from server.storage.db import Database
 
+log = logging.getLogger(__name__)
+
+BAD_CREDENTIALS = (
+    "Invalid email or password. If this address is registered in more than one organization, "
+    "send `organization` (its id or name) too."
+)
+
 
 class TokenRequest(StrictModel):
     grant_type: Literal["api_key", "password"]
     api_key: str | None = Field(default=None, max_length=200)
     email: str | None = Field(default=None, max_length=320)
+    organization: str | None = Field(default=None, max_length=200)
     password: str | None = Field(default=None, max_length=1024)
     totp_code: str | None = Field(default=None, max_length=16)
     recovery_code: str | None = Field(default=None, max_length=32)
@@ -60,22 +72,41 @@ def narrowed(granted: list[str], requested: list[str] | None) -> list[str]:
     return list(requested)
 
 
+def find_login_user(session: Session, email: str, organization: str | None) -> User | None:
+    """The one user an email (within `organization`, if given) names; None if none or several."""
+    query = select(User).where(User.email == email)
+    if organization:
+        query = query.join(Organization, Organization.id == User.org_id).where(
+            or_(Organization.id == organization, Organization.name == organization)
+        )
+    rows = session.scalars(query.limit(2)).all()
+    return rows[0] if len(rows) == 1 else None
+
+
+def _locked(wait: float, *, address: bool) -> TooManyAttempts:
+    retry = int(wait) + 1
+    hint = " Accounts with a second factor can still log in from this address with their code." if address else ""
+    return TooManyAttempts(f"Too many failed logins; retry in {retry} s.{hint}", headers={"Retry-After": str(retry)})
+
+
 class LoginService:
     def __init__(
         self,
         db: Database,
         hasher: PasswordHasher,
-        throttle: LoginThrottle,
+        lockout: LoginLockout,
         totp: TotpService,
         tokens: TokenService,
         settings: AuthSettings,
+        audit: AuditSink,
     ) -> None:
         self.db = db
         self.hasher = hasher
-        self.throttle = throttle
+        self.lockout = lockout
         self.totp = totp
         self.tokens = tokens
         self.settings = settings
+        self.audit = audit
 
     def for_api_key(self, principal: Principal, requested: list[str] | None, actor: Actor) -> dict[str, Any]:
         scopes = narrowed(list(principal.scopes), requested)
@@ -106,16 +137,18 @@ class LoginService:
         if not req.email or req.password is None:
             raise InvalidRequest("The password grant needs `email` and `password`.", param="email")
         email = req.email.strip().lower()
-        subjects = [f"email:{email}"] + ([f"addr:{actor.client_addr}"] if actor.client_addr else [])
+        address = actor.client_addr
         with self.db.session() as session:
-            wait = self.throttle.retry_after(session, subjects)
-        if wait > 0:
-            self._fail(actor, subjects, email, "locked", count=False)
-            raise TooManyAttempts(
-                f"Too many failed logins; retry in {int(wait) + 1} s.", headers={"Retry-After": str(int(wait) + 1)}
-            )
+            lock = self.lockout.state(session, email, address)
+        if lock.account_wait > 0:
+            self._refused(actor, email, "locked")
+            raise _locked(lock.account_wait, address=False)
+        address_locked = lock.address_wait > 0
+        if address_locked and not (req.totp_code or req.recovery_code):
+            self._refused(actor, email, "address_locked")
+            raise _locked(lock.address_wait, address=True)
         with self.db.session() as session:
-            user = session.scalar(select(User).where(User.email == email))
+            user = find_login_user(session, email, req.organization)
             usable = user is not None and not user.disabled and not user.is_service_account
             ok, new_hash = self.hasher.verify(req.password, user.password_hash if usable and user else None)
             if ok and user is not None and new_hash:
@@ -123,21 +156,26 @@ class LoginService:
             user_id, org_id = (user.id, user.org_id) if ok and user is not None else (None, None)
             mfa = ok and user_id is not None and self.totp.is_enrolled(session, user_id)
         if not ok or user_id is None or org_id is None:
-            self._fail(actor, subjects, email, "bad_credentials")
-            raise Unauthenticated("Invalid email or password.", code="invalid_credentials")
+            after = self._fail(actor, email, "bad_credentials")
+            if address_locked:
+                raise _locked(max(after.address_wait, lock.address_wait), address=True)
+            raise Unauthenticated(BAD_CREDENTIALS, code="invalid_credentials")
         amr = ["pwd"]
         if mfa:
-            amr.append(self._second_factor(req, actor, subjects, email, user_id))
+            amr.append(self._second_factor(req, actor, email, user_id, lock))
+        elif address_locked:  # right password, but nothing else proves it is the owner trying
+            self._refused(actor, email, "address_locked")
+            raise _locked(lock.address_wait, address=True)
         scopes = narrowed(["*"], req.scopes)
         token, exp = self.tokens.issue(sub=user_id, org=org_id, scopes=scopes, amr=amr, auth_time=int(time.time()))
         with self.db.session() as session:
-            self.throttle.record_success(session, [f"email:{email}"])
+            self.lockout.success(session, email, address)
             record(
                 session, actor, "auth.login", "success", target_type="user", target_id=user_id, org_id=org_id, amr=amr
             )
         return token_response(token, exp, scopes)
 
-    def _second_factor(self, req: TokenRequest, actor: Actor, subjects: list[str], email: str, user_id: str) -> str:
+    def _second_factor(self, req: TokenRequest, actor: Actor, email: str, user_id: str, lock: LockState) -> str:
         if not req.totp_code and not req.recovery_code:
             raise Unauthenticated("This account has MFA: send `totp_code` (or a `recovery_code`).", code="mfa_required")
         with self.db.session() as session:
@@ -145,11 +183,27 @@ class LoginService:
                 return "otp"
             if req.recovery_code and self.totp.use_recovery_code(session, user_id, req.recovery_code):
                 return "mfa"
-        self._fail(actor, subjects, email, "bad_second_factor")
+        after = self._fail(actor, email, "bad_second_factor")
+        if lock.address_wait > 0:
+            raise _locked(max(after.address_wait, lock.address_wait), address=True)
         raise Unauthenticated("Invalid or already used MFA code.", code="invalid_mfa_code")
 
-    def _fail(self, actor: Actor, subjects: list[str], email: str, reason: str, count: bool = True) -> None:
+    def failed_password(self, actor: Actor, email: str) -> None:
+        """A wrong current password elsewhere (a password change): counted and audited like a failed login."""
+        self._fail(actor, email, "bad_credentials")
+
+    def _fail(self, actor: Actor, email: str, reason: str) -> LockState:
+        """A failed attempt: counted against the account and the address, audited in aggregate."""
         with self.db.session() as session:
-            if count:
-                self.throttle.record_failure(session, subjects)
-            record(session, actor, "auth.login", "failure", target_type="email", target_id=email[:128], reason=reason)
+            state = self.lockout.failure(session, email, actor.client_addr)
+        self._refused(actor, email, reason)
+        if self.lockout.prune_due():
+            try:
+                with self.db.session() as session:
+                    self.lockout.prune(session)
+            except Exception as exc:  # pruning is housekeeping; the next one retries
+                log.warning("pruning login failure counters failed: %s", exc)
+        return state
+
+    def _refused(self, actor: Actor, email: str, reason: str) -> None:
+        self.audit.failure(actor, "auth.login", reason, email=email)

@@ -25,13 +25,17 @@ class Organization(Base):
 
 
 class User(Base):
-    """A person or a service account (`is_service_account`, no password) of one organization."""
+    """A person or a service account (`is_service_account`, no password) of one organization.
+
+    An email is unique within its organization only, so creating a user never reveals whether another
+    organization has that address (logins name the organization when an address is in several)."""
 
     __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("org_id", "email", name="uq_users_org_id_email"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), nullable=False, index=True)
-    email: Mapped[str] = mapped_column(String(320), unique=True, nullable=False)
+    email: Mapped[str] = mapped_column(String(320), nullable=False, index=True)
     display_name: Mapped[str] = mapped_column(String(200), nullable=False, default="")
     password_hash: Mapped[str | None] = mapped_column(String(512), nullable=True)
     is_service_account: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
@@ -122,7 +126,9 @@ class SigningKey(Base):
 
 
 class AuthFailure(Base):
-    """Consecutive failed logins per subject (`email:…` or `addr:…`) for lockout with exponential backoff."""
+    """Consecutive failed logins per subject for lockout with exponential backoff: `email:…` (an account),
+    `addr:…` (a client address) and `pair:<address>|<email>` (the address's failures against one account,
+    taken back from the address when that account logs in)."""
 
     __tablename__ = "auth_failures"
 

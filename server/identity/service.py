@@ -1,7 +1,10 @@
 """Organizations, users and roles: the operations the admin API and the CLI share.
 
 Every change records its audit event in the same session (transaction) and bumps the credentials counter
-when it can change what a cached credential may do.
+when it can change what a cached credential may do. The invariants that hold whoever calls (no custom role
+with an installation permission; emails unique per organization, installation accounts' addresses
+reserved) are enforced here; the bounds on what a caller may grant are the admin API's
+(`server.identity.grants`), since the CLI acts as the installation.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.audit.service import Actor, record
-from server.errors import Conflict, InvalidRequest, NotFound
+from server.errors import Conflict, GrantRefused, InvalidRequest, NotFound
 from server.identity.apikeys import aware, bump_credentials, user_roles
 from server.identity.models import Organization, Role, User, UserRole
-from server.identity.rbac import BUILTIN_ROLES, PERMISSIONS
+from server.identity.rbac import BUILTIN_ROLES, INSTALLATION_PERMISSIONS, INSTALLATION_ROLES, PERMISSIONS
 
 OPERATOR_EMAIL = "operator@service.local"
 
@@ -48,6 +51,18 @@ def find_role(session: Session, name: str, org_id: str) -> Role:
     return role
 
 
+def role_permissions(session: Session, names: list[str], org_id: str) -> frozenset[str]:
+    """What the named roles (built-in, or custom roles of `org_id`) grant together; 400 for an unknown one."""
+    granted: set[str] = set()
+    for name in names:
+        role = find_role(session, name, org_id)
+        if role.builtin and role.org_id is None and name in BUILTIN_ROLES:
+            granted |= BUILTIN_ROLES[name][1]
+        else:
+            granted |= set(role.permissions or ()) - INSTALLATION_PERMISSIONS
+    return frozenset(granted)
+
+
 def create_org(session: Session, actor: Actor, name: str) -> Organization:
     if session.scalar(select(Organization).where(Organization.name == name)) is not None:
         raise Conflict(f"An organization named {name!r} already exists.")
@@ -68,14 +83,23 @@ def create_user(
     password_hash: str | None = None,
     display_name: str = "",
     service_account: bool = False,
+    allow_reserved: bool = False,
 ) -> User:
+    """A user of `org_id`. The email must be new *in that organization*: another organization's address is
+    accepted like a new one (nothing is revealed), unless it is an installation account's (`email_reserved`)."""
     email = email.strip().lower()
     if "@" not in email or len(email) > 320:
         raise InvalidRequest("A user needs a valid email address.", param="email")
     if session.get(Organization, org_id) is None:
         raise NotFound(f"Organization {org_id!r} does not exist.", param="org_id")
-    if session.scalar(select(User).where(User.email == email)) is not None:
-        raise Conflict("A user with this email already exists.")
+    if session.scalar(select(User).where(User.org_id == org_id, User.email == email)) is not None:
+        raise Conflict("A user with this email already exists in this organization.")
+    if not allow_reserved and is_reserved_email(session, email, org_id):
+        raise Conflict(
+            "This address belongs to an installation account and cannot be used in an organization.",
+            param="email",
+            code="email_reserved",
+        )
     user = User(
         id=new_id("usr"),
         org_id=org_id,
@@ -103,6 +127,27 @@ def create_user(
         service_account=service_account,
     )
     return user
+
+
+def is_reserved_email(session: Session, email: str, org_id: str) -> bool:
+    """The operator service account's address, or one an installation account (owner, operator) uses in
+    another organization: tenants cannot claim it (and so cannot make the owner's login ambiguous)."""
+    if email == OPERATOR_EMAIL:
+        return True
+    holder = session.scalar(
+        select(User.id)
+        .join(UserRole, UserRole.user_id == User.id)
+        .join(Role, Role.id == UserRole.role_id)
+        .where(
+            User.email == email,
+            User.org_id != org_id,
+            Role.builtin.is_(True),
+            Role.org_id.is_(None),
+            Role.name.in_(sorted(INSTALLATION_ROLES)),
+        )
+        .limit(1)
+    )
+    return holder is not None
 
 
 def set_roles(session: Session, actor: Actor, user: User, roles: list[str]) -> None:
@@ -146,6 +191,13 @@ def create_role(
     unknown = sorted(set(permissions) - set(PERMISSIONS))
     if unknown:
         raise InvalidRequest(f"Unknown permissions: {', '.join(unknown)}.", param="permissions")
+    installation = sorted(set(permissions) & INSTALLATION_PERMISSIONS)
+    if installation:  # whoever asks: organization roles never hold installation permissions
+        raise GrantRefused(
+            f"Organization roles cannot hold installation permissions: {', '.join(installation)}.",
+            param="permissions",
+            code="installation_permission",
+        )
     if name in BUILTIN_ROLES or session.scalar(select(Role).where(Role.org_id == org_id, Role.name == name)):
         raise Conflict(f"A role named {name!r} already exists.")
     role = Role(org_id=org_id, name=name, description=description, permissions=sorted(set(permissions)), builtin=False)
@@ -165,11 +217,24 @@ def create_role(
     return role
 
 
+OPERATOR_ROLES = ("admin", "operator")
+
+
 def operator_account(session: Session, org_id: str | None = None) -> User:
-    """The installation's operator service account (CLI keys belong to it), created on first use in `org_id`,
-    else in the organization named "default" (created if missing)."""
-    user = session.scalar(select(User).where(User.email == OPERATOR_EMAIL))
+    """The installation's operator service account (CLI keys belong to it): the installation `operator` role
+    and `admin` of its organization. Created on first use in `org_id`, else in the organization named
+    "default" (created if missing); an account from before the operator role was added gets it here."""
+    user = session.scalar(
+        select(User)
+        .where(User.email == OPERATOR_EMAIL, User.is_service_account.is_(True))
+        .order_by(User.created_at, User.id)
+        .limit(1)
+    )
     if user is not None:
+        held, _ = user_roles(session, user.id)
+        if not set(OPERATOR_ROLES) <= set(held):
+            ensure_builtin_roles(session)
+            set_roles(session, Actor.system(), user, sorted(set(held) | set(OPERATOR_ROLES)))
         return user
     ensure_builtin_roles(session)
     if org_id is None:
@@ -180,9 +245,10 @@ def operator_account(session: Session, org_id: str | None = None) -> User:
         Actor.system(),
         org_id=org_id,
         email=OPERATOR_EMAIL,
-        roles=["admin"],
+        roles=list(OPERATOR_ROLES),
         display_name="operator service account",
         service_account=True,
+        allow_reserved=True,
     )
 
 

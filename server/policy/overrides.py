@@ -24,6 +24,8 @@ from server.storage.db import Database
 
 _MODELS = {"key": ApiKey, "user": User, "org": Organization}
 OrgFilter = Callable[[str | None], bool]
+# Raises (e.g. GrantRefused) when the caller may not change this scope: called with (session, kind, row).
+ChangeGuard = Callable[[Session, str, Any], None]
 
 
 def _any_org(org_id: str | None) -> bool:
@@ -39,9 +41,9 @@ def _resolve(session: Session, scope: str, may_access_org: OrgFilter) -> tuple[s
         raise InvalidRequest("A scope is key:<id>, user:<id> or org:<id>.", param="scope")
     row = session.get(model, ident)
     org_id = getattr(row, "id" if kind == "org" else "org_id", None)
-    if row is None or not may_access_org(org_id):
+    if row is None or org_id is None or not may_access_org(org_id):
         raise NotFound(f"Scope {scope!r} not found.")
-    return kind, org_id, row
+    return kind, str(org_id), row
 
 
 def _current(session: Session, scope: str, kind: str, row: Any) -> dict[str, Any]:
@@ -77,11 +79,14 @@ def write_limits(
     changed_by: str | None,
     reason: str = "",
     may_access_org: OrgFilter = _any_org,
+    guard: ChangeGuard | None = None,
 ) -> dict[str, Any]:
     """Replace a scope's limits with `limits` (from `compact_limits`), audited as "limits.set"; returns the
     limits it had before. Replicas pick the change up on their next poll (within a second)."""
     with db.session() as session:
         kind, org_id, row = _resolve(session, scope, may_access_org)
+        if guard is not None:
+            guard(session, kind, row)
         before = _current(session, scope, kind, row)
         if kind == "key":
             row.limits = limits

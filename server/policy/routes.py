@@ -1,8 +1,11 @@
 """Admin API for limits and pools.
 
 - `GET /v1/admin/limits/{scope}`: the limits set on a scope (`key:<id>`, `user:<id>`, `org:<id>`) and its
-  current usage; `PUT` sets them (policy change: step-up). Keys keep their limits on the key row; users
-  and organizations in `limit_overrides`. Every replica picks changes up within a second.
+  current usage (an organization's admin reads its own organization's figures here); `PUT` sets them
+  (policy change: step-up). An organization's own limits are its quota, an installation resource
+  (`quotas:write`); a key's or user's only by a caller who holds every permission that key or user has.
+  Keys keep their limits on the key row; users and organizations in `limit_overrides`. Every replica
+  picks changes up within a second.
 - `GET /v1/admin/pools`: each pool's configuration, state, admission gate and device telemetry.
 - `POST /v1/admin/pools/{name}/drain|isolate|resume` (step-up), audited, applied on every replica.
 """
@@ -17,8 +20,12 @@ from pydantic import Field
 
 from server.api.body import read_body
 from server.api.protocol import StrictModel, parse_request
+from server.errors import PermissionDenied, StepUpRequired
+from server.identity.apikeys import key_permissions, user_roles
 from server.identity.authn import client_addr, principal_of
 from server.identity.authz import requires
+from server.identity.grants import check_may_manage
+from server.identity.principal import Principal
 from server.observability.pools import read_app_pools
 from server.policy.limits import Limits
 from server.policy.overrides import compact_limits, read_limits, write_limits
@@ -52,17 +59,43 @@ async def set_limits(scope: str, request: Request) -> dict[str, Any]:
     body = parse_request(LimitsBody, await read_body(request, 16 * 1024))
     limits = compact_limits(body.model_dump(exclude={"reason"}))
     p, state = principal_of(request), request.app.state
+    actor = p.actor(client_addr(request))
 
     def write() -> None:
-        actor = p.actor(client_addr(request))
         write_limits(
-            state.db, scope, limits, actor, changed_by=p.user_id, reason=body.reason, may_access_org=p.may_access_org
+            state.db,
+            scope,
+            limits,
+            actor,
+            changed_by=p.user_id,
+            reason=body.reason,
+            may_access_org=p.may_access_org,
+            guard=_limits_guard(p),
         )
         state.authenticator.invalidate()
         state.gatekeeper.refresh()
 
-    await asyncio.to_thread(write)
+    try:
+        await asyncio.to_thread(write)
+    except (PermissionDenied, StepUpRequired) as exc:
+        state.audit_sink.submit(actor, "limits.set", "denied", reason=exc.code, scope=scope[:80], path=request.url.path)
+        raise
     return {"object": "limits", "scope": scope, "limits": limits, "effective": Limits.from_dict(limits).to_dict()}
+
+
+def _limits_guard(p: Principal) -> Any:
+    def guard(session: Any, kind: str, row: Any) -> None:
+        if kind == "org":
+            if not (p.can("quotas:write") and p.holds_installation_role):
+                raise PermissionDenied(
+                    "An organization's own limits are its quota, set by the installation ('quotas:write')."
+                )
+        elif kind == "user":
+            check_may_manage(p, user_roles(session, row.id)[1], "Changing this user's limits")
+        else:
+            check_may_manage(p, key_permissions(session, row), "Changing this key's limits")
+
+    return guard
 
 
 @router.get("/pools", dependencies=[requires("pools:read")])

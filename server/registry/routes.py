@@ -2,7 +2,9 @@
 
 Promotion and rollback are privileged (`models:promote`, MFA step-up) and audited; they move the active
 alias, and every replica hot-swaps its engine to it (`server.engine.swap`; this one at once, the others
-within a second).
+within a second). The registry is an installation resource: reading it (stored paths, provenance, signers,
+evaluation detail, BOMs) needs `registry:read`; the served models' names, versions and digests are public
+to any `models:read` caller through `GET /v1/models`.
 """
 
 from __future__ import annotations
@@ -64,21 +66,21 @@ def _store(request: Request) -> Any:
     return BlobStore(request.app.state.settings.data_dir)
 
 
-@router.get("", dependencies=[requires("models:read")])
+@router.get("", dependencies=[requires("registry:read")])
 async def list_models(request: Request) -> dict[str, Any]:
     from server.registry import catalog
 
     return {"object": "list", "data": await _registry(request, lambda s, a: catalog.list_models(s))}
 
 
-@router.get("/{name}", dependencies=[requires("models:read")])
+@router.get("/{name}", dependencies=[requires("registry:read")])
 async def show_model(name: str, request: Request) -> dict[str, Any]:
     from server.registry import catalog
 
     return await _registry(request, lambda s, a: catalog.show(s, name))
 
 
-@router.get("/{name}/versions/{version}/bom", dependencies=[requires("models:read")])
+@router.get("/{name}/versions/{version}/bom", dependencies=[requires("registry:read")])
 async def version_bom(name: str, version: str, request: Request) -> Response:
     from server.registry import catalog
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import secrets
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import time
 
 import httpx
+import pyotp
 import pytest
 
 from tests.e2e.conftest import free_port
@@ -23,8 +25,21 @@ def _admin_token(server: Proc) -> str:
     return server.key("admin")["key"]
 
 
+def _owner_token(server: Proc) -> str:
+    """Creating users with roles is a role assignment (`roles:write` with step-up): the bootstrapped owner
+    logs in with password and TOTP."""
+    out = server.cli("admin", "bootstrap", "--email", "owner@load.example", "--json")
+    assert out.returncode == 0, out.stderr
+    boot = json.loads(out.stdout)
+    body = {"grant_type": "password", "email": boot["email"], "password": boot["password"]}
+    body["totp_code"] = pyotp.parse_uri(boot["totp_provisioning_uri"]).now()
+    resp = httpx.post(f"{server.url}/v1/auth/token", json=body, timeout=30)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["access_token"]
+
+
 async def _make_keys(server: Proc, n: int) -> list[str]:
-    admin = {"Authorization": f"Bearer {_admin_token(server)}"}
+    admin = {"Authorization": f"Bearer {_owner_token(server)}"}
     async with httpx.AsyncClient(base_url=server.url, headers=admin, timeout=30) as c:
         keys = []
         for i in range(n):

@@ -30,6 +30,14 @@ ON_OTHERS = {
     ("POST", "/v1/admin/keys/{key_id}/revoke"): ("keys:admin", False),
 }
 PASSWORD = "correct horse battery staple 42"
+# Routes that change the caller's own sign-in factors: an API key (or a token exchanged for one) is refused
+# whatever its scopes (403 interactive_session_required). Bodies are well-formed so the check is reached.
+FACTOR_ROUTES = {
+    ("POST", "/v1/auth/mfa/enroll"): {},
+    ("POST", "/v1/auth/mfa/confirm"): {"code": "000000"},
+    ("POST", "/v1/auth/mfa/recovery-codes"): {},
+    ("POST", "/v1/auth/password"): {"current_password": "not it", "new_password": "a new passphrase 2 remember"},
+}
 
 
 def b64(data: dict) -> str:
@@ -187,7 +195,7 @@ def test_route_credential_matrix(world):
         url = re.sub(r"\{model_id(:path)?\}", MODEL, url)
         for name, (header, perms, mfa) in world.creds.items():
             headers = {"Authorization": header} if header is not None else {}
-            body = {} if method in ("POST", "PUT") else None
+            body = FACTOR_ROUTES.get((method, path), {}) if method in ("POST", "PUT") else None
             resp = client.request(method, url, headers=headers, json=body)
             status = resp.status_code
             if permission == PUBLIC:
@@ -197,6 +205,9 @@ def test_route_credential_matrix(world):
                 ok, want = status == 401, "401"
             elif permission not in perms:
                 ok, want = status == 403, "403"
+            elif (method, path) in FACTOR_ROUTES and name.startswith("key:"):
+                ok = status == 403 and resp.json()["error"]["code"] == "interactive_session_required"
+                want = "403 interactive_session_required"
             elif (method, path) in ON_OTHERS and ON_OTHERS[(method, path)][0] not in perms:
                 ok, want = status == 403, "403 (another user's key)"
             elif (permission in STEP_UP or ON_OTHERS.get((method, path), ("", False))[1]) and not mfa:
@@ -216,6 +227,8 @@ def test_denials_and_failures_are_audited(world):
     header = world.creds["token:auditor"][0]
     client.get("/v1/admin/users", headers={"Authorization": world.creds["key:client"][0]})
     owner = world.creds["token:owner"][0]
+    # Failed authentications are tallied and written once per interval (here: now).
+    client.app.state.audit_sink.flush(failures=True)
     # Anonymous failures belong to no organization: only the installation's owner sees them.
     for action, outcome, who in (
         ("authz", "denied", header),
@@ -225,3 +238,8 @@ def test_denials_and_failures_are_audited(world):
         resp = client.get("/v1/admin/audit", params={"action": action}, headers={"Authorization": who})
         assert resp.status_code == 200
         assert any(e["outcome"] == outcome for e in resp.json()["data"]), (action, outcome)
+    failures = client.get("/v1/admin/audit", params={"action": "authn"}, headers={"Authorization": owner}).json()
+    tallied = [e for e in failures["data"] if e["outcome"] == "failure"]
+    assert all(e["details"]["aggregated"] and e["details"]["count"] >= 1 for e in tallied)
+    # The matrix sent every bad credential to every protected route: far more failures than rows.
+    assert sum(e["details"]["count"] for e in tallied) > len(tallied)

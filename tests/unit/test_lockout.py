@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import select
 
-from server.identity.lockout import LoginThrottle, address_subject, email_subject
+from server.identity.lockout import LoginLockout, LoginThrottle, address_subject, email_subject, pair_subject
 from server.identity.models import AuthFailure, Organization, User
 from server.storage.db import Database
 from server.storage.migrate import upgrade
@@ -148,3 +148,42 @@ def test_concurrent_failures_lose_no_increments(database_url):  # noqa: F811
         assert counts == {subject: threads * per_thread for subject in subjects}
     finally:
         db.dispose()
+
+
+def lockout(clock) -> LoginLockout:
+    account = LoginThrottle(threshold=3, base_seconds=1.0, max_seconds=8.0, clock=clock)
+    address = LoginThrottle(threshold=4, base_seconds=1.0, max_seconds=2.0, clock=clock, forget_after_seconds=60)
+    return LoginLockout(account, address, clock=clock)
+
+
+def test_a_login_takes_back_its_own_failures_from_the_address(db, clock):
+    both = lockout(clock)
+    office = "198.51.100.40"
+    with db.session() as s:
+        for _ in range(2):
+            both.failure(s, "bob@example.com", office)
+        both.failure(s, "target@example.com", office)
+        assert both.failure(s, "other@example.com", office).address_wait == 1.0  # 4 failures: locked
+    with db.session() as s:
+        both.success(s, "bob@example.com", office)
+    with db.session() as s:
+        state = both.state(s, "bob@example.com", office)
+        rows = dict(s.execute(select(AuthFailure.subject, AuthFailure.failures)).tuples().all())
+    assert state.address_wait == 0.0 and state.account_wait == 0.0  # 4 - 2 = 2 < 4: unlocked
+    assert rows[address_subject(office)] == 2
+    assert pair_subject(office, "bob@example.com") not in rows and email_subject("bob@example.com") not in rows
+    assert rows[pair_subject(office, "target@example.com")] == 1
+
+
+def test_quiet_subjects_are_pruned_by_their_own_window(db, clock):
+    both = lockout(clock)
+    with db.session() as s:
+        both.failure(s, "carol@example.com", "203.0.113.77")
+    clock.now += 61  # past the address window (60 s), within the account's (a day)
+    with db.session() as s:
+        assert both.prune(s) == 2  # the addr: and pair: rows
+        left = set(s.scalars(select(AuthFailure.subject)))
+    assert left == {email_subject("carol@example.com")}
+    clock.now += 86_400
+    with db.session() as s:
+        assert both.prune(s) == 1
