@@ -100,6 +100,8 @@ def create_user(
             param="email",
             code="email_reserved",
         )
+    if not allow_reserved:
+        check_installation_address(session, email, org_id, roles)
     user = User(
         id=new_id("usr"),
         org_id=org_id,
@@ -150,8 +152,23 @@ def is_reserved_email(session: Session, email: str, org_id: str) -> bool:
     return holder is not None
 
 
+def check_installation_address(session: Session, email: str, org_id: str, roles: list[str]) -> None:
+    """An installation account's address must be unique across organizations, so its password login is never
+    ambiguous (and stays reserved): refuse an installation role for an address used elsewhere."""
+    if not set(roles) & INSTALLATION_ROLES:
+        return
+    elsewhere = session.scalar(select(User.id).where(User.email == email, User.org_id != org_id).limit(1))
+    if elsewhere is not None:
+        raise Conflict(
+            "An installation role needs an address no other organization uses; use another address.",
+            param="roles",
+            code="email_not_unique",
+        )
+
+
 def set_roles(session: Session, actor: Actor, user: User, roles: list[str]) -> None:
     before, _ = user_roles(session, user.id)
+    check_installation_address(session, user.email, user.org_id, roles)
     for link in session.scalars(select(UserRole).where(UserRole.user_id == user.id)):
         session.delete(link)
     session.flush()

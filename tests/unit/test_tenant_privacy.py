@@ -83,3 +83,24 @@ def test_an_organization_admin_sees_only_its_own_organization(world):
     # The owner's account lives in org A, but org A's admin cannot act on it.
     assert client.post(f"/v1/admin/users/{admins['owner']}/disable", headers=as_a).status_code == 403
     assert client.put(f"/v1/admin/users/{admins['owner']}/roles", headers=as_a, json={"roles": []}).status_code == 403
+
+
+def test_an_installation_role_needs_an_address_no_other_organization_uses(world):
+    client, orgs, admins = world
+    as_b = step_up(client.app, admins["b"], orgs["b"])
+    twin = create(client, as_b, "shared@example.com").json()["id"]  # the same address as a user of org A
+    as_owner = step_up(client.app, admins["owner"], orgs["a"])
+    resp = client.put(f"/v1/admin/users/{twin}/roles", headers=as_owner, json={"roles": ["operator"]})
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "email_not_unique"
+    made = client.post(
+        "/v1/admin/users",
+        headers=as_owner,
+        json={"email": "admin@a.example", "roles": ["operator"], "org_id": orgs["b"]},  # org A has it
+    )
+    assert made.status_code == 409 and made.json()["error"]["code"] == "email_not_unique"
+    unique = client.post(
+        "/v1/admin/users", headers=as_owner, json={"email": "ops@install.example", "roles": ["operator"]}
+    )
+    assert unique.status_code == 201, unique.text
+    # ... and from then on that address is reserved for tenants.
+    assert create(client, as_b, "ops@install.example").json()["error"]["code"] == "email_reserved"
