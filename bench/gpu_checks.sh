@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The watermark's CUDA evidence in one run (issue #5), for a lent GPU machine or any CUDA host:
-#   1. the GPU-marked kernel tests (Triton kernel against the torch path, bit for bit, production shapes;
+#   1. the GPU-marked kernel tests (Triton kernel against the torch path, bit for bit, production shapes,
+#      confidence-gated rows (greedy) and the sampler-side Gumbel choice (sampled);
 #      the pinned, non-blocking table copy the processor uses on CUDA);
 #   2. bench/watermark_kernel.py (copy floor, our kernel, transformers' WatermarkLogitsProcessor, ratios).
 # Needs python3 with torch, triton, transformers and pytest (the device image has them; no vLLM needed).

@@ -1,20 +1,25 @@
-"""Watermark detection quality on the default model, through the real path (vLLM + our processor).
+"""Watermark detection quality on the default model, through the real path (vLLM + our processor and hook).
 
-For each scheme (kgw-selfhash, gumbel) the engine answers every prompt at temperature 1.0 with exactly
---tokens tokens (min_tokens = max_tokens) under a random key; answers are decoded to text and
-re-tokenized (what the detector sees from a user), then tested:
+Two modes, both under the default `auto` scheme (the deployment's configured gate, delta and warmup):
 
-  * detection rate at the threshold (Bonferroni-adjusted p over every key and scheme tried: the bench's
-    key set is one kgw-selfhash and one gumbel key, three tests), for prefixes of 25/50/100/200 tokens;
+  sampled  temperature 1.0, top_p 0.95: Gumbel-max in vLLM's sampler
+  greedy   temperature 0: kgw-gated (only where the model is unsure)
+
+Every prompt is answered with exactly --tokens tokens (min_tokens = max_tokens) under one of two random
+`auto` keys, the caller's organization's and the deployment default's (what the detection route tries:
+four tests, Bonferroni); answers are decoded to text and re-tokenized (what the detector sees from a
+user), scored by the model as the route does (confidences, for kgw-gated), then tested:
+
+  * detection rate at each threshold for prefixes of 25/50/100/200 tokens, and whether the right key
+    was named;
   * after replacing 20% of the tokens with random vocabulary tokens;
   * false positives on human-written text (package descriptions from the installed distributions'
-    METADATA, cut into --tokens-token chunks) and on unwatermarked answers of the same model.
+    METADATA, cut into --tokens-token chunks) and on unwatermarked answers of the same model (sampled
+    and greedy), --negatives of each kind.
 
-Optionally (--throughput) output tokens/s with and without watermarking on the same engine, in
-alternating rounds. The full study is --prompts 500 --tokens 200 --negatives 1000; on a 2-core CPU
-start small:
+The full study is --prompts 500 --tokens 200 --negatives 1000; on a 2-core CPU start small:
 
-    .venv/bin/python bench/watermark_quality.py --prompts 40 --tokens 100
+    .venv/bin/python bench/watermark_quality.py --prompts 40 --negatives 100
 
 Writes bench/results/watermark_quality-<host>-<date>.json.
 """
@@ -24,10 +29,9 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
-import platform
 import random
-import secrets
 import site
 import statistics
 import sys
@@ -35,32 +39,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-TOPICS = [
-    "the ocean", "volcanoes", "honeybees", "the Roman Empire", "black holes", "bread baking", "chess",
-    "electric cars", "the water cycle", "jazz music", "photosynthesis", "the internet", "mountain climbing",
-    "ancient Egypt", "coffee", "earthquakes", "solar panels", "the human heart", "rainforests", "vaccines",
-    "the moon landing", "origami", "penguins", "recycling", "the printing press", "hurricanes", "dinosaurs",
-    "the stock market", "gardening", "friendship", "machine learning", "the Silk Road", "glaciers", "bicycles",
-    "the immune system", "lighthouses", "tea ceremonies", "coral reefs", "the Renaissance", "trains",
-]  # fmt: skip
-TEMPLATES = [
-    "Write a short story about {}.", "Explain {} to a ten-year-old.", "Write a poem about {}.",
-    "Give me five interesting facts about {}.", "Write a blog post introduction about {}.",
-    "Describe the history of {} in a few paragraphs.", "What are the pros and cons of {}?",
-    "Write a letter to a friend about {}.", "Write a news report about {}.", "Summarize what people know about {}.",
-    "Write a dialogue between two people discussing {}.", "Describe a day in the life of someone who studies {}.",
-    "Write a product description inspired by {}.",
-]  # fmt: skip
+from wm_engine import REPO, Bench, machine, prompts, random_key  # noqa: E402
+
 LENGTHS = (25, 50, 100, 200)
-
-
-def prompts(n: int) -> list[str]:
-    combos = [t.format(topic) for t in TEMPLATES for topic in TOPICS]
-    random.Random(0).shuffle(combos)
-    return [combos[i % len(combos)] for i in range(n)]
+MODES = {"sampled": {"temperature": 1.0, "top_p": 0.95}, "greedy": {"temperature": 0.0}}
 
 
 def human_negatives(tokenizer, count: int, length: int) -> list[list[int]]:
@@ -75,35 +59,13 @@ def human_negatives(tokenizer, count: int, length: int) -> list[list[int]]:
     return chunks[:count]
 
 
-def build_llm(path: Path, kv_gib: int):
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_gib))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from vllm import LLM
-
-    from server.engine.vllm_engine import watermark_processors
-
-    return LLM(
-        model=str(path),
-        dtype="bfloat16",
-        max_model_len=1024,
-        enforce_eager=True,
-        logits_processors=watermark_processors(),
-        disable_log_stats=True,
-        seed=0,
-    )
-
-
-def generate(llm, prompt_ids: list[list[int]], extra: list[dict], tokens: int, temperature: float = 1.0):
-    from vllm import SamplingParams
-
-    # No per-request seed: on vllm-cpu 0.32 a seeded request whose prefill is chunked kills the engine
-    # ("CPU Generator does not use offset" in GPUModelRunner._bookkeeping_sync).
-    params = [
-        SamplingParams(temperature=temperature, max_tokens=tokens, min_tokens=tokens, extra_args=e or None)
-        for e in extra
-    ]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
+def answers(bench: Bench, texts: list[str], keys: list, mode: str, tokens: int) -> list[list[int]]:
+    sampling = dict(MODES[mode])
+    temperature = sampling.pop("temperature")
+    prompt_ids = [bench.chat(t) for t in texts]
+    params = [bench.params(k, temperature, tokens, exact=True, **sampling) for k in keys]
+    outs = bench.generate(prompt_ids, params)
+    return [bench.tokenizer.encode(bench.tokenizer.decode(o)) for o in outs]  # what a user pastes back
 
 
 def rate(flags: list[bool]) -> float | None:
@@ -111,84 +73,64 @@ def rate(flags: list[bool]) -> float | None:
 
 
 def study(args: argparse.Namespace) -> dict:
-    from server.engine.tokenizer import HfTokenizer
-    from server.registry.versions import model_folder
-    from server.settings import ModelSettings, load_settings
     from server.watermark.detector import detect
-    from server.watermark.request import watermark_extra_args
-    from server.watermark.types import KeyMaterial
 
-    settings = load_settings()
-    path = model_folder(settings, ModelSettings(), progress=False)
-    tok = HfTokenizer(path)
-    keys = {
-        s: KeyMaterial(f"wk_{secrets.token_hex(6)}", s, 0.25, 2.0, 0, secrets.token_bytes(16)) for s in args.schemes
-    }
-    candidates = list(keys.values())
+    bench = Bench()
+    org, default = random_key(), random_key()
+    candidates = [org, default]
     texts = prompts(args.prompts)
-    prompt_ids = [tok.render_chat([{"role": "user", "content": t}], None) for t in texts]
-    llm = build_llm(path, args.kv_cache_gib)
-    vocab = len(llm.get_tokenizer())
-
-    started = time.perf_counter()
-    jobs = [(s, i) for s in [*keys, None] for i in range(len(prompt_ids))]
-    extra = [watermark_extra_args(keys[s], 1.0) if s else {} for s, _ in jobs]
-    outputs = generate(llm, [prompt_ids[i] for _, i in jobs], extra, args.tokens)
-    gen_seconds = time.perf_counter() - started
-
-    def verdict(ids: list[int], threshold: float) -> bool:
-        return detect(ids, candidates, vocab, threshold=threshold).detected
-
     rng = random.Random(2)
-    result: dict = {"schemes": {}, "thresholds": args.thresholds}
-    by_scheme: dict = {s: [] for s in [*keys, None]}
-    for (s, _), ids in zip(jobs, outputs, strict=True):
-        by_scheme[s].append(tok.encode(tok.decode(ids)))  # what a user pastes back: text, re-tokenized
-    for s in keys:
-        answers = by_scheme[s]
-        entry: dict = {"answers": len(answers), "median_tokens": statistics.median(len(a) for a in answers)}
-        for th in args.thresholds:
-            found = [detect(a, candidates, vocab, threshold=th) for a in answers]
-            entry[f"tpr@{th:g}"] = rate([f.detected for f in found])
-            entry[f"right_key@{th:g}"] = rate([f.key_id == keys[s].key_id for f in found])
-            for n in (n for n in LENGTHS if n < args.tokens):
-                entry[f"tpr@{th:g}_len{n}"] = rate([verdict(a[:n], th) for a in answers])
-            edited = [[rng.randrange(vocab) if rng.random() < 0.2 else t for t in a] for a in answers]
-            entry[f"tpr_20pct_replaced@{th:g}"] = rate([verdict(a, th) for a in edited])
-        entry["median_log10_p"] = statistics.median(
-            max(-300.0, _log10(detect(a, candidates, vocab, threshold=1.0).p_value)) for a in answers
-        )
-        result["schemes"][s] = entry
+    started = time.perf_counter()
+    result: dict = {"modes": {}, "thresholds": args.thresholds, "key_params": _params(org)}
 
-    human = human_negatives(tok, args.negatives, args.tokens)
-    model_plain = by_scheme[None]
-    for name, negatives in (("human", human), ("model_unwatermarked", model_plain)):
-        p_values = [detect(n, candidates, vocab, threshold=1.0).p_value for n in negatives]
-        fpr = {f"fpr@{th:g}": rate([p < th for p in p_values]) for th in args.thresholds}
-        result[f"negatives_{name}"] = {"count": len(negatives), **fpr, "min_p": min(p_values, default=None)}
-    result["generation_seconds"] = round(gen_seconds, 1)
-    if args.throughput:
-        result["throughput"] = throughput(llm, prompt_ids, keys[args.schemes[0]], args.tokens)
+    def p_values(items: list[list[int]]) -> list[float]:
+        conf = bench.confidences(items)
+        return [
+            detect(a, candidates, bench.vocab, threshold=1.0, confidences=c).p_value
+            for a, c in zip(items, conf, strict=True)
+        ]
+
+    for mode in MODES:
+        keys = [org if i % 2 == 0 else default for i in range(len(texts))]
+        marked = answers(bench, texts, keys, mode, args.tokens)
+        conf = bench.confidences(marked)
+        found = [
+            detect(a, candidates, bench.vocab, threshold=1.0, confidences=c) for a, c in zip(marked, conf, strict=True)
+        ]
+        entry: dict = {"answers": len(marked), "median_tokens": statistics.median(map(len, marked))}
+        edited = [[rng.randrange(bench.vocab) if rng.random() < 0.2 else t for t in a] for a in marked]
+        edited_p = p_values(edited)
+        by_length = {n: p_values([a[:n] for a in marked]) for n in LENGTHS if n < args.tokens}
+        for th in args.thresholds:
+            entry[f"tpr@{th:g}"] = rate([f.p_value < th for f in found])
+            right = [f.key_id == k.key_id for f, k in zip(found, keys, strict=True) if f.p_value < th]
+            entry[f"right_key@{th:g}"] = rate(right)
+            for n, ps in by_length.items():
+                entry[f"tpr@{th:g}_len{n}"] = rate([p < th for p in ps])
+            entry[f"tpr_20pct_replaced@{th:g}"] = rate([p < th for p in edited_p])
+        entry["schemes_named"] = sorted({f.scheme for f in found if f.scheme})
+        entry["median_log10_p"] = round(statistics.median(_log10(f.p_value) for f in found), 1)
+        result["modes"][mode] = entry
+        print(mode, json.dumps(entry), flush=True)
+    result["generation_and_detection_seconds"] = round(time.perf_counter() - started, 1)
+
+    negatives = {"human": human_negatives(bench.tokenizer, args.negatives, args.tokens)}
+    neg_texts = prompts(args.negatives, seed=3)
+    for mode in MODES:
+        negatives[f"model_unwatermarked_{mode}"] = answers(bench, neg_texts, [None] * len(neg_texts), mode, args.tokens)
+    for name, items in negatives.items():
+        ps = p_values(items)
+        fpr = {f"fpr@{th:g}": rate([p < th for p in ps]) for th in args.thresholds}
+        result[f"negatives_{name}"] = {"count": len(items), **fpr, "min_p": min(ps, default=None)}
+        print(name, json.dumps(result[f"negatives_{name}"]), flush=True)
     return result
 
 
-def throughput(llm, prompt_ids, key, tokens: int, rounds: int = 2) -> dict:
-    from server.watermark.request import watermark_extra_args
-
-    runs: dict[str, list[float]] = {"off": [], "on": []}
-    for _ in range(rounds):
-        for mode in ("off", "on"):
-            extra = [watermark_extra_args(key, 1.0) if mode == "on" else {} for _ in prompt_ids]
-            t = time.perf_counter()
-            outs = generate(llm, prompt_ids, extra, tokens)
-            runs[mode].append(sum(map(len, outs)) / (time.perf_counter() - t))
-    on, off = statistics.median(runs["on"]), statistics.median(runs["off"])
-    return {"tokens_per_s_off": round(off, 1), "tokens_per_s_on": round(on, 1), "ratio_on_off": round(on / off, 3)}
+def _params(key) -> dict:
+    return {"scheme": key.scheme, "gamma": key.gamma, "delta": key.delta, "gate": key.gate, "warmup": key.warmup}
 
 
 def _log10(p: float) -> float:
-    import math
-
     return math.log10(p) if p > 0 else -300.0
 
 
@@ -197,23 +139,19 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=500)
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--negatives", type=int, default=1000)
-    parser.add_argument("--schemes", nargs="+", default=["kgw-selfhash", "gumbel"])
     parser.add_argument("--thresholds", type=float, nargs="+", default=[1e-3, 1e-4])
-    parser.add_argument("--kv-cache-gib", type=int, default=2)
-    parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     started = time.perf_counter()
     result = study(args)
     result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    result["machine"] = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    result["machine"] = machine()
     result["date"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
-    name = f"watermark_quality-{platform.node()}-{datetime.now(UTC):%Y%m%d}.json"
+    name = f"watermark_quality-{machine()['host']}-{datetime.now(UTC):%Y%m%d}.json"
     out = args.out or REPO / "bench" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return 0
 

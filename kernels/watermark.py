@@ -2,11 +2,16 @@
 
     apply_watermark(logits, batch)  in place; Triton on CUDA tensors, else the torch path: fused by Inductor
                                     (`kernels.watermark_cpu`) once compiled, the eager reference until then
+    sample_gumbel(logits, batch)    the token each active Gumbel row chooses (-1 elsewhere); logits untouched
 
 Per row (hash and scheme definitions in `kernels.watermark_hash`):
   KGW (lefthash, selfhash)  logits[v] += delta where value(v) < threshold; every other logit keeps
                             its bits. bf16 logits are added in fp32 and rounded once (to nearest
                             even). NaN logits are never modified.
+  KGW, confidence-gated     (gate > 0, for greedy requests) with x = fp32(logits), NaN read as -inf,
+                            m = max(x), p1 = exp(m - logsumexp(x)): if p1 < gate, the KGW rule above
+                            applied only where x[v] >= fl(m - delta), the only logits a greedy choice
+                            can move to; if p1 >= gate (the model is confident) the row is untouched.
   Gumbel (exponential-minimum sampling as a logits operation)
                             w = argmax_v (logits[v] * fl(1/T) + g(v)), g = -log(-log(u(v))), ties
                             to the lowest index; logits[w] keeps its bits, every other logit becomes -inf.
@@ -23,10 +28,14 @@ interpreter) and can differ by an ulp: the chosen token can differ between devic
 two perturbed scores lie within a few ulp (~1e-7 relative) of each other. The detector reads u of
 the emitted token, which is exact, so detection is unaffected either way.
 
-Integration (vLLM 0.32): custom logits processors run before penalties and temperature, so logits
-arrive unscaled and a Gumbel row carries its own temperature; whatever runs after (penalties,
-top-k/top-p) sees a single finite logit and must leave it the choice. The CPU (V1) runner and the
-CUDA runner call the same `apply_watermark`.
+The gate's p1 goes through exp and logsumexp, which are not correctly rounded: the gate decision can
+differ between devices only where p1 lies within a few ulp of the gate.
+
+Integration (vLLM 0.32, `server.watermark.vllm_adapter`): greedy rows are watermarked by
+`apply_watermark` in the logits-processor hook (confidence-gated KGW); sampled rows by `sample_gumbel`
+inside vLLM's sampler, after penalties, temperature, min-p, top-k and top-p, on the distribution the
+request asked for (temperature already applied there, so those rows carry temperature 1). The CPU (V1)
+runner and the CUDA runner call the same functions.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import torch
 
 from kernels import watermark_cpu
 from kernels import watermark_hash as H
+from kernels.watermark_gate import gate_floor
 from kernels.watermark_params import COL_CONTEXT, COL_CTX_LEN, COL_KEY, COL_SCHEME, COL_SKIP, Scheme, WatermarkBatch
 
 __all__ = [
@@ -46,6 +56,7 @@ __all__ = [
     "gumbel_u",
     "kgw_green",
     "row_values",
+    "sample_gumbel",
 ]
 
 
@@ -77,31 +88,96 @@ def _apply_torch(logits: torch.Tensor, batch: WatermarkBatch, fused: bool) -> No
     """The reference (`fused` False) or the same operation through `kernels.watermark_cpu`'s fused loops."""
     table = batch.table.cpu()
     states = _row_states(table).to(logits.device)
-    params = WatermarkBatch(table.to(logits.device), batch.has_gumbel, batch.any_active)
+    params = WatermarkBatch(table.to(logits.device), batch.has_gumbel, batch.any_active, batch.has_gated)
     schemes = params.effective_scheme()
+    gated = params.gate() > 0
     for scheme in (Scheme.KGW_LEFTHASH, Scheme.KGW_SELFHASH, Scheme.GUMBEL):
-        rows = (schemes == scheme).nonzero().flatten()
-        if rows.numel() == 0:
-            continue
-        every_row = rows.numel() == logits.shape[0]
-        x = logits if every_row else logits[rows]  # a view (written in place) or a copy
-        if scheme is Scheme.GUMBEL:
-            u = watermark_cpu.gumbel_uniform(states[rows], logits.shape[1]) if fused else None
-            if u is None:
-                u = H.gumbel_uniform(H.vocab_values(scheme, states[rows], logits.shape[1]))
-            x.copy_(_gumbel_choose(x, u, params.temperature()[rows]))
-        elif not (
-            fused
-            and watermark_cpu.apply_kgw(
-                x, states[rows], scheme is Scheme.KGW_SELFHASH, params.threshold()[rows], params.delta()[rows]
-            )
-        ):
-            values = H.vocab_values(scheme, states[rows], logits.shape[1])
-            green = H.u32_lt(values, params.threshold()[rows, None]) & (x == x)  # NaN: never written
-            bumped = (x.float() + params.delta()[rows, None]).to(x.dtype)
-            x.copy_(torch.where(green, bumped, x))  # a select: unchosen logits keep their bits (-0.0, NaN)
-        if not every_row:
-            logits[rows] = x
+        for gate_rows in (False, True) if scheme is not Scheme.GUMBEL else (False,):
+            rows = ((schemes == scheme) & (gated == gate_rows)).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            every_row = rows.numel() == logits.shape[0]
+            x = logits if every_row else logits[rows]  # a view (written in place) or a copy
+            if scheme is Scheme.GUMBEL:
+                x.copy_(_gumbel_choose(x, _gumbel_uniform(states[rows], logits.shape[1], fused), params, rows))
+            elif gate_rows:
+                _kgw_gated(
+                    x, scheme, states[rows], params.threshold()[rows], params.delta()[rows], params.gate()[rows], fused
+                )
+            elif not (
+                fused
+                and watermark_cpu.apply_kgw(
+                    x, states[rows], scheme is Scheme.KGW_SELFHASH, params.threshold()[rows], params.delta()[rows]
+                )
+            ):
+                values = H.vocab_values(scheme, states[rows], logits.shape[1])
+                green = H.u32_lt(values, params.threshold()[rows, None]) & (x == x)  # NaN: never written
+                bumped = (x.float() + params.delta()[rows, None]).to(x.dtype)
+                x.copy_(torch.where(green, bumped, x))  # a select: unchosen logits keep their bits (-0.0, NaN)
+            if not every_row:
+                logits[rows] = x
+
+
+def _kgw_gated(
+    x: torch.Tensor,
+    scheme: Scheme,
+    states: torch.Tensor,
+    threshold: torch.Tensor,
+    delta: torch.Tensor,
+    gate: torch.Tensor,
+    fused: bool = False,
+) -> None:
+    """Confidence-gated KGW on the rows `x` [N, V] in place, at the cost of about one pass over the logits.
+
+    Only logits within delta of a row's maximum can be written. So: one max pass per block of `_CHUNK`
+    logits finds each row's maximum and the few blocks that hold candidates; the candidates come from those
+    blocks alone; a row with a single candidate (no near-tie) cannot change its greedy choice and is left
+    as it is; the gate (`gate_floor`, the exact definition) takes one more pass (fused on CPU hosts), and
+    colours are computed for the candidates of open rows only, never for the vocabulary.
+    """
+    m, r, v = _window_candidates(x, delta)
+    if r.numel() == 0:
+        return
+    ties = torch.bincount(r, minlength=x.shape[0]) > 1
+    if not bool(ties.any()):
+        return
+    safe_m = torch.where(torch.isfinite(m), m, 0.0)
+    s = watermark_cpu.exp_sum(x, safe_m) if fused and watermark_cpu.applies_to(x) else None
+    is_open = gate_floor(x, delta, gate, m, s)[1] & ties
+    keep = is_open[r]
+    r, v = r[keep], v[keep]
+    if r.numel() == 0:
+        return
+    values = H.element_values(scheme, states[r], v[:, None])[:, 0]
+    green = H.u32_lt(values, threshold[r])
+    r, v = r[green], v[green]
+    x[r, v] = (x[r, v].float() + delta[r]).to(x.dtype)
+
+
+_CHUNK = 64
+
+
+def _window_candidates(x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(each row's maximum, then row and token of every logit with fp32(x) >= fl(max - delta) of its row,
+    `gate_floor`'s floor); rows holding a NaN or +inf have no candidates (their gate is closed)."""
+    n, vocab = x.shape
+    whole = vocab - vocab % _CHUNK
+    heads = x[:, :whole].view(n, whole // _CHUNK, _CHUNK).amax(dim=2).float()  # NaN propagates
+    if whole < vocab:
+        heads = torch.cat([heads, x[:, whole:].amax(dim=1, keepdim=True).float()], dim=1)
+    m = heads.amax(dim=1)
+    floor = m - delta
+    floor = torch.where(torch.isfinite(m), floor, torch.full_like(floor, float("nan")))  # NaN: nothing passes
+    cr, cc = (heads >= floor[:, None]).nonzero(as_tuple=True)
+    if cr.numel() == 0:
+        return m, cr, cc
+    offsets = cc * _CHUNK
+    span = torch.arange(_CHUNK, device=x.device)
+    tokens = (offsets[:, None] + span).clamp_(max=vocab - 1)
+    inside = (offsets[:, None] + span) < vocab
+    hit = (x[cr[:, None], tokens].float() >= floor[cr, None]) & inside
+    hr, hc = hit.nonzero(as_tuple=True)
+    return m, cr[hr], tokens[hr, hc]
 
 
 def _row_states(table: torch.Tensor) -> torch.Tensor:
@@ -117,20 +193,60 @@ def _row_states(table: torch.Tensor) -> torch.Tensor:
     return H.u32_bits(states).reshape(len(states), 2)
 
 
-def _gumbel_choose(x: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+def _gumbel_uniform(states: torch.Tensor, vocab: int, fused: bool) -> torch.Tensor:
+    u = watermark_cpu.gumbel_uniform(states, vocab) if fused else None
+    return u if u is not None else H.gumbel_uniform(H.vocab_values(Scheme.GUMBEL, states, vocab))
+
+
+def _gumbel_winner(x: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """argmax_v (x[v] * fl(1/T) - log(-log(u[v]))) per row, int64 [N, 1]; NaN scores never win, first on ties."""
     inv_t = 1.0 / temperature[:, None]  # float32, correctly rounded; the kernel does the same
     score = x.float() * inv_t - torch.log(-torch.log(u))
     score = score.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-    winner = score.argmax(dim=1, keepdim=True)  # first maximum, as the kernel's tie-break
+    return score.argmax(dim=1, keepdim=True)  # first maximum, as the kernel's tie-break
+
+
+def _gumbel_choose(x: torch.Tensor, u: torch.Tensor, params: WatermarkBatch, rows: torch.Tensor) -> torch.Tensor:
+    winner = _gumbel_winner(x, u, params.temperature()[rows])
     out = torch.full_like(x, float("-inf"))
     return out.scatter_(1, winner, x.gather(1, winner))
+
+
+def sample_gumbel(logits: torch.Tensor, batch: WatermarkBatch) -> torch.Tensor:
+    """The token every active Gumbel row of `batch` chooses, int64 [B] on the logits' device (-1 on every
+    other row); `logits` is not modified. The same choice as `apply_watermark` (whose Gumbel rows keep only
+    that token's logit): what vLLM's sampler calls on the final, filtered distribution of sampled requests."""
+    _check(logits, batch)
+    out = torch.full((logits.shape[0],), -1, dtype=torch.int64, device=logits.device)
+    if not batch.has_gumbel:
+        return out
+    table = batch.table.cpu()
+    params = WatermarkBatch(table, batch.has_gumbel, batch.any_active, batch.has_gated)
+    rows = (params.effective_scheme() == Scheme.GUMBEL).nonzero().flatten()
+    if rows.numel() == 0:
+        return out
+    every_row = rows.numel() == logits.shape[0]
+    x = logits if every_row else logits[rows.to(logits.device)]  # the rows themselves, or a copy
+    sub = WatermarkBatch(table[rows], True, True)
+    if logits.is_cuda:
+        x = x.clone() if every_row else x
+        apply_watermark(x, sub)  # Triton: one finite logit left per row, the winner
+        out[rows.to(logits.device)] = x.float().nan_to_num(nan=float("-inf")).argmax(dim=1)
+        return out
+    states = _row_states(sub.table)
+    inv_t = 1.0 / sub.temperature()
+    chosen = watermark_cpu.gumbel_argmax(x, states, inv_t) if watermark_cpu.applies_to(x) else None
+    if chosen is None:
+        chosen = _gumbel_winner(x, _gumbel_uniform(states, logits.shape[1], False), sub.temperature())[:, 0]
+    out[rows] = chosen
+    return out
 
 
 def row_values(batch: WatermarkBatch, vocab_size: int) -> torch.Tensor:
     """value(v) for every row and token (int64 [B, V] in [0, 2**32)); OFF or skipped rows hold -1."""
     table = batch.table.cpu()
     states = _row_states(table)
-    schemes = WatermarkBatch(table, batch.has_gumbel, batch.any_active).effective_scheme()
+    schemes = WatermarkBatch(table, batch.has_gumbel, batch.any_active, batch.has_gated).effective_scheme()
     out = torch.full((len(batch), vocab_size), -1, dtype=torch.int64)
     for scheme in (Scheme.KGW_LEFTHASH, Scheme.KGW_SELFHASH, Scheme.GUMBEL):
         rows = (schemes == scheme).nonzero().flatten()

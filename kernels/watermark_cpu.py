@@ -60,6 +60,19 @@ def _gumbel_u(own, key_index, floor, mixed) -> torch.Tensor:
     return H.gumbel_uniform(_values(own, key_index, floor, mixed))
 
 
+def _gumbel_argmax(x, own, key_index, floor, mixed, inv_t) -> torch.Tensor:
+    """argmax_v (x[v] * inv_t - log(-log(u(v)))) per row, NaN never winning: the Gumbel choice in one loop
+    (`kernels.watermark._gumbel_winner` is its eager reference)."""
+    u = H.gumbel_uniform(_values(own, key_index, floor, mixed))
+    score = x * inv_t[:, None] - torch.log(-torch.log(u))
+    return torch.where(score == score, score, float("-inf")).argmax(dim=1)
+
+
+def _exp_sum(x, m) -> torch.Tensor:
+    """sum_v exp(x[v] - m) per row, float32 [N]: the confidence gate's s (`kernels.watermark_gate`)."""
+    return torch.exp(x - m[:, None]).sum(dim=1)
+
+
 class _Compiled:
     """The compiled functions, built once per process on one thread (`thread`), which alone calls them."""
 
@@ -69,6 +82,8 @@ class _Compiled:
         self.thread: int | None = None
         self.kgw = torch.compile(_kgw, fullgraph=True)
         self.gumbel_u = torch.compile(_gumbel_u, fullgraph=True)
+        self.exp_sum = torch.compile(_exp_sum, fullgraph=True)
+        self.gumbel_argmax = torch.compile(_gumbel_argmax, fullgraph=True)
 
     def build(self) -> None:
         self.thread = threading.get_ident()
@@ -82,6 +97,8 @@ class _Compiled:
                 x, threshold, delta = torch.zeros(2, vocab), torch.zeros(2, dtype=torch.int32), torch.zeros(2)
                 self.kgw(*_marked(*_kgw_args(x, states, True, threshold, delta)))
                 self.gumbel_u(*_marked(*_row_inputs(states, False, vocab)))
+                self.exp_sum(*_marked(x, torch.zeros(2)))
+                self.gumbel_argmax(*_marked(x, *_row_inputs(states, False, vocab), torch.ones(2)))
         except Exception as exc:  # no compiler, an Inductor bug: the eager reference gives the same bits
             self.error = f"compile: {exc!r}"[:2000]
             log.warning("watermark: fused CPU path not compiled; the eager torch path serves", exc_info=True)
@@ -177,6 +194,23 @@ def gumbel_uniform(states: torch.Tensor, vocab: int) -> torch.Tensor | None:
     """u(v) for Gumbel rows, float32 [N, V]; None if the fused path failed."""
     u = _run(_compiled().gumbel_u, lambda: _row_inputs(states, False, vocab))
     return None if u is _FAILED else u
+
+
+def gumbel_argmax(x: torch.Tensor, states: torch.Tensor, inv_t: torch.Tensor) -> torch.Tensor | None:
+    """The Gumbel choice of the contiguous float32 rows `x` [N, V] (Gumbel rows, `states` from `_row_states`,
+    `inv_t` = fl(1/T) float32 [N]), int64 [N]; None if the fused path failed. The same token as the eager
+    reference except where two rows' best scores lie within an ulp (the logs round alike, the sums may not)."""
+    out = _run(
+        _compiled().gumbel_argmax, lambda: (x.view(x.shape), *_row_inputs(states, False, x.shape[1]), _dense(inv_t))
+    )
+    return None if out is _FAILED else out
+
+
+def exp_sum(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor | None:
+    """sum_v exp(x[v] - m) of the contiguous float32 rows `x` [N, V] with their finite `m` [N] (one fused
+    loop); None if the fused path failed."""
+    s = _run(_compiled().exp_sum, lambda: (x.view(x.shape), _dense(m)))
+    return None if s is _FAILED else s
 
 
 _FAILED = object()

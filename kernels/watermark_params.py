@@ -43,7 +43,8 @@ COL_DELTA = 8  # float32 bit pattern
 COL_TEMPERATURE = 9  # float32 bit pattern
 COL_CONTEXT = 10  # W_MAX tokens, oldest first, valid ones first
 W_MAX = 8
-N_COLS = COL_CONTEXT + W_MAX
+COL_GATE = COL_CONTEXT + W_MAX  # float32 bit pattern; KGW rows: 0.0 ungated, else the confidence gate
+N_COLS = COL_GATE + 1
 
 DEFAULT_WIDTH = {Scheme.KGW_LEFTHASH: 1, Scheme.KGW_SELFHASH: 4, Scheme.GUMBEL: 4}
 
@@ -64,9 +65,12 @@ class RowParams:
     `context` is the token history (prompt + output so far, or at least its last `width` tokens);
     only the last `width` are used. `skip` marks a context already seen in this response (see
     `ContextTracker`): such a row is left untouched, exactly like `Scheme.OFF`.
-    `temperature` is the row's sampling temperature; only Gumbel uses it (logits arrive unscaled).
-    Validated once at construction; per decode step, `step_row` packs another context without
-    building a new object.
+    `temperature` is the row's sampling temperature; only Gumbel uses it (divides the logits by it).
+    `gate` (KGW only; 0 means ungated) makes the row *confidence-gated*: it is left untouched where the
+    model's top probability, softmax(logits).max(), is at least `gate`, and elsewhere only the logits
+    within `delta` of the row's maximum are candidates for the bias (the only ones a greedy choice can
+    move to), see `kernels.watermark`. Validated once at construction; per decode step, `step_row` packs
+    another context without building a new object.
     """
 
     scheme: Scheme
@@ -77,8 +81,10 @@ class RowParams:
     delta: float = 2.0
     temperature: float = 1.0
     skip: bool = False
+    gate: float = 0.0
     _code: int = field(init=False, repr=False, compare=False)  # column 0 (int(scheme), without enum lookups)
     _static: tuple[int, ...] = field(init=False, repr=False, compare=False)  # columns 3..9
+    _gate_bits: int = field(init=False, repr=False, compare=False)  # column COL_GATE
 
     def __post_init__(self) -> None:
         scheme = Scheme(self.scheme)
@@ -91,6 +97,8 @@ class RowParams:
             raise ValueError("delta must be finite")
         if scheme is Scheme.GUMBEL and not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError("Gumbel watermarking needs a finite temperature > 0")
+        if not (0.0 <= self.gate <= 1.0) or (self.gate and scheme not in (Scheme.KGW_LEFTHASH, Scheme.KGW_SELFHASH)):
+            raise ValueError("a confidence gate lies in [0, 1] and applies to KGW rows only")
         static = (
             _i32(gamma_threshold(self.gamma)),
             *(_i32(w) for w in key_words(self.key)),
@@ -99,6 +107,7 @@ class RowParams:
         )
         object.__setattr__(self, "_code", int(scheme))
         object.__setattr__(self, "_static", static)
+        object.__setattr__(self, "_gate_bits", _f32_bits(self.gate))
         self.table_row()  # validates the context
 
     def table_row(self) -> list[int]:
@@ -110,7 +119,7 @@ class RowParams:
         ctx = context[-self.width :] if self._code else ()
         if ctx and (min(ctx) < 0 or max(ctx) >= 1 << 31):
             raise ValueError("token ids must lie in [0, 2**31)")
-        return [self._code, int(skip), len(ctx), *self._static, *ctx, *_PAD[len(ctx) :]]
+        return [self._code, int(skip), len(ctx), *self._static, *ctx, *_PAD[len(ctx) :], self._gate_bits]
 
 
 _OFF_ROW = [0] * N_COLS
@@ -121,13 +130,14 @@ _PAD = [0] * W_MAX
 class WatermarkBatch:
     """Packed parameters of every row in a logits batch (row i of the table is logits row i).
 
-    `has_gumbel` and `any_active` are known on the host, so the launcher decides how many launches
-    to issue (0, 1 or 2) without a device sync.
+    `has_gumbel`, `any_active` and `has_gated` are known on the host, so the launcher decides how many
+    launches to issue (0, 1 or 2) and whether to compute row maxima without a device sync.
     """
 
     table: torch.Tensor  # int32 [B, N_COLS]
     has_gumbel: bool
     any_active: bool
+    has_gated: bool = False
 
     @classmethod
     def build(
@@ -146,27 +156,28 @@ class WatermarkBatch:
         the host; torch's pinned-memory cache keeps the staging buffer until the copy has run.
         """
         flat = array.array("i")  # C int: 32 bits on every platform torch supports; larger ids raise
-        any_active = has_gumbel = False
+        any_active = has_gumbel = has_gated = False
         for row in rows:
             if row is None:
                 flat.extend(_OFF_ROW)
                 continue
+            if len(row) != N_COLS:
+                raise ValueError(f"table rows must hold {N_COLS} columns")
             flat.extend(row)
             if row[COL_SCHEME] != Scheme.OFF and not row[COL_SKIP]:
                 any_active = True
                 has_gumbel = has_gumbel or row[COL_SCHEME] == Scheme.GUMBEL
-        if len(flat) != len(rows) * N_COLS:
-            raise ValueError(f"table rows must hold {N_COLS} columns")
+                has_gated = has_gated or row[COL_GATE] != 0
         table = torch.empty((len(rows), N_COLS), dtype=torch.int32, pin_memory=pin_memory)
         if rows:
             table.copy_(torch.frombuffer(flat, dtype=torch.int32).reshape(len(rows), N_COLS))
-        return cls(table.to(device, non_blocking=pin_memory), has_gumbel, any_active)
+        return cls(table.to(device, non_blocking=pin_memory), has_gumbel, any_active, has_gated)
 
     def __len__(self) -> int:
         return self.table.shape[0]
 
     def to(self, device: torch.device | str) -> WatermarkBatch:
-        return WatermarkBatch(self.table.to(device), self.has_gumbel, self.any_active)
+        return WatermarkBatch(self.table.to(device), self.has_gumbel, self.any_active, self.has_gated)
 
     # Decoded views for the torch path: hash inputs stay int32 bit patterns (see watermark_hash).
     def effective_scheme(self) -> torch.Tensor:
@@ -189,6 +200,9 @@ class WatermarkBatch:
 
     def temperature(self) -> torch.Tensor:
         return self.table[:, COL_TEMPERATURE].contiguous().view(torch.float32)
+
+    def gate(self) -> torch.Tensor:
+        return self.table[:, COL_GATE].contiguous().view(torch.float32)
 
 
 class ContextTracker:

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from kernels import watermark_hash as H
 from kernels import watermark_params as P
+from kernels.watermark_gate import gate_floor
 
 
 def _jit_shared(fn: types.FunctionType):
@@ -38,6 +39,7 @@ _COL_KEY = tl.constexpr(P.COL_KEY)
 _COL_DELTA = tl.constexpr(P.COL_DELTA)
 _COL_TEMPERATURE = tl.constexpr(P.COL_TEMPERATURE)
 _COL_CONTEXT = tl.constexpr(P.COL_CONTEXT)
+_COL_GATE = tl.constexpr(P.COL_GATE)
 _SELFHASH = tl.constexpr(int(P.Scheme.KGW_SELFHASH))
 _GUMBEL = tl.constexpr(int(P.Scheme.GUMBEL))
 
@@ -80,6 +82,9 @@ def _round_to_bf16(x):
 #   selfhash           value(v) = fmix32(min(h(ctx_1..ctx_n), h(v)) ^ mix(v)), h(t) = fmix32(kh ^ mix(t))
 #   KGW                store fp32(x) + delta, rounded once to the logits dtype, where value(v) < threshold
 #                      (masked store: red and NaN logits are read once and not written)
+#   KGW, gated         (gate > 0) the row's `open` flag and `floor` = fl(max - delta) come from the launcher
+#                      (`kernels.watermark.gate_floor`, torch on the device, no host sync): a closed row
+#                      stops at once; an open one stores only where also fp32(x) >= floor
 #   Gumbel             s(v) = x * fl(1/T) - log(-log(u)), u = (2 * (value >> 9) + 1) * 2**-24, NaN as -inf;
 #                      store -inf everywhere except the block's first argmax, and leave
 #                      (s_max, argmax) in `cand` for _gumbel_finalize_kernel (grid-wide argmax).
@@ -87,13 +92,19 @@ def _round_to_bf16(x):
 # multiply and subtract round separately, exactly as torch's ops do (no FMA contraction).
 @triton.jit
 def _watermark_kernel(
-    logits_ptr, stride_row, table_ptr, cand_ptr, vocab, n_blocks, BLOCK: tl.constexpr, LOGITS_BF16: tl.constexpr
-):
+    logits_ptr, stride_row, table_ptr, cand_ptr, open_ptr, floor_ptr, vocab, n_blocks,
+    BLOCK: tl.constexpr, LOGITS_BF16: tl.constexpr, HAS_GATED: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0)
     blk = tl.program_id(1)
     params = table_ptr + row * _N_COLS
     scheme = tl.load(params + _COL_SCHEME)
     skip = tl.load(params + _COL_SKIP)
+    gated = False
+    if HAS_GATED:
+        gated = tl.load(params + _COL_GATE) != 0
+        if gated:
+            skip = skip | (tl.load(open_ptr + row) == 0)
     if (scheme != 0) & (skip == 0):
         n_ctx = tl.load(params + _COL_CTX_LEN)
         offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -129,9 +140,13 @@ def _watermark_kernel(
             threshold = _u32_at(params + _COL_THRESHOLD)
             delta = tl.load(params + _COL_DELTA).to(tl.float32, bitcast=True)
             bumped = x.to(tl.float32) + delta
+            write = in_range & (value < threshold) & (x == x)
+            if HAS_GATED:  # noqa: SIM102 - a compile-time branch around a run-time one
+                if gated:
+                    write = write & (x.to(tl.float32) >= tl.load(floor_ptr + row))
             if LOGITS_BF16:
                 bumped = _round_to_bf16(bumped)
-            tl.store(ptrs, bumped, mask=in_range & (value < threshold) & (x == x))
+            tl.store(ptrs, bumped, mask=write)
 
 
 # One program per row. Gumbel rows (not skipped) hold one finite logit per block after the main
@@ -181,9 +196,18 @@ def apply_watermark_triton(
     cand = table
     if batch.has_gumbel:
         cand = torch.empty((n_rows, n_blocks, 2), dtype=torch.int32, device=logits.device)
+    is_open, floor = table, table  # unused placeholders unless a row is gated
+    if batch.has_gated:
+        floor, opened = gate_floor(
+            logits,
+            table[:, P.COL_DELTA].contiguous().view(torch.float32),
+            table[:, P.COL_GATE].contiguous().view(torch.float32),
+        )
+        is_open = opened.to(torch.int32)
     _watermark_kernel[(n_rows, n_blocks)](
-        logits, logits.stride(0), table, cand, vocab, n_blocks,
-        BLOCK=block, LOGITS_BF16=logits.dtype == torch.bfloat16, num_warps=num_warps, enable_fp_fusion=False,
+        logits, logits.stride(0), table, cand, is_open, floor, vocab, n_blocks,
+        BLOCK=block, LOGITS_BF16=logits.dtype == torch.bfloat16, HAS_GATED=batch.has_gated,
+        num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
     if batch.has_gumbel:
         _gumbel_finalize_kernel[(n_rows,)](

@@ -21,6 +21,7 @@ from server.api.models_router import router as models_router
 from server.audit.routes import router as audit_router
 from server.audit.sink import AuditSink
 from server.engine.hub import EngineFactory, EngineHub, default_engine_factory
+from server.watermark.vllm_adapter import vllm_watermark
 from server.engine.pool_control import PoolControl
 from server.engine.swap import ModelSwapper
 from server.engine.types import ModelInfo
@@ -147,7 +148,7 @@ def create_app(
     gatekeeper = build_gatekeeper(settings, db, audit_sink)
     pool_control = PoolControl(db, [p.name for p in settings.pools], gatekeeper.apply_pool_state)
     watermark_keys = WatermarkKeyring(db, identity.keyring, settings.watermark)
-    factory = engine_factory or default_engine_factory(settings)
+    factory = engine_factory or default_engine_factory(settings, watermark=vllm_watermark)
     resolve = resolver or resolve_configured_models
     swapper = _model_swapper(settings, db, hub, factory, audit_sink) if resolver is None else None
 

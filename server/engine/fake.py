@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -162,3 +163,15 @@ class FakeEngine:
         return ChoiceDelta(
             index=index, text=self.tokenizer.decode(ids), token_ids=tuple(ids), logprobs=lps, finish_reason=reason
         )  # type: ignore[arg-type]
+
+    async def prompt_top_logprobs(self, prompt_token_ids: Sequence[int], k: int) -> list[tuple[float, ...] | None]:
+        """A fixed toy model: after an even token it is unsure (top two 0.15 and 0.1), after an odd one sure
+        (0.9, 0.05); the rest of the mass is spread thinly. Enough to test code that gates on confidence."""
+        if not self._ready:
+            raise EngineUnavailable("the model's engine is not running; retry shortly")
+        unsure, sure = (math.log(0.15), math.log(0.1)), (math.log(0.9), math.log(0.05))
+        out: list[tuple[float, ...] | None] = [None]
+        for prev in prompt_token_ids[:-1]:
+            top = unsure if prev % 2 == 0 else sure
+            out.append((*top, *[math.log(1e-4)] * max(0, k - 2))[:k])
+        return out[: len(prompt_token_ids)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from server.engine.types import Engine, ModelInfo
 from server.errors import EngineUnavailable, NotFound
@@ -15,8 +16,10 @@ log = logging.getLogger(__name__)
 EngineFactory = Callable[[ModelInfo], Engine]
 
 
-def default_engine_factory(settings: Settings) -> EngineFactory:
-    """The engine implementation the settings ask for; vLLM is imported only when chosen."""
+def default_engine_factory(settings: Settings, watermark: Callable[[], Any] | None = None) -> EngineFactory:
+    """The engine implementation the settings ask for; vLLM is imported only when chosen. `watermark` makes
+    the extension every vLLM engine carries (`VllmEngine(watermark=...)`; the app factory passes
+    `server.watermark.vllm_adapter.vllm_watermark`)."""
     if settings.engine == "fake":
         from server.engine.fake import FakeEngine
 
@@ -26,7 +29,7 @@ def default_engine_factory(settings: Settings) -> EngineFactory:
         from server.engine.vllm_engine import VllmEngine
 
         model = next(m for m in settings.models if m.name == info.name)
-        return VllmEngine(info, model, settings.pool(info.pool))
+        return VllmEngine(info, model, settings.pool(info.pool), watermark=watermark() if watermark else None)
 
     return build
 

@@ -10,8 +10,9 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator
-from typing import Any
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
 
 from server.engine.counters import RequestCounter
 from server.engine.tokenizer import HfTokenizer
@@ -42,17 +43,37 @@ def vllm_available() -> bool:
     return True
 
 
-class VllmEngine:
-    """`Engine` implementation over vLLM's `AsyncLLM`."""
+class EngineExtension(Protocol):
+    """Code the server runs inside vLLM's engine: logits processors, a worker extension class reached by
+    `collective_rpc`, and a check after start-up that may refuse the engine (the watermark:
+    `server.watermark.vllm_adapter.VllmWatermark`)."""
 
-    def __init__(self, info: ModelInfo, model: ModelSettings, pool: PoolSettings, *, watermark: bool = True) -> None:
+    @property
+    def logits_processors(self) -> tuple[type, ...]: ...
+
+    @property
+    def worker_extension_cls(self) -> str: ...
+
+    async def after_start(self, llm: Any) -> None: ...
+
+
+class VllmEngine:
+    """`Engine` implementation over vLLM's `AsyncLLM`.
+
+    `watermark`: the extension that applies the server's watermark; the app factory gives one to every
+    engine it builds (requests without a `_wm` entry, from exempt keys or with watermarking disabled, pass
+    through it untouched). Without one the engine says so (`applies_watermark` False) and responses carry
+    `X-Watermark: off; reason=engine`.
+    """
+
+    def __init__(
+        self, info: ModelInfo, model: ModelSettings, pool: PoolSettings, *, watermark: EngineExtension | None = None
+    ) -> None:
         self.info = info
         self._model = model
         self._pool = pool
-        # The watermark processor is registered on every engine the server builds; requests without a `_wm`
-        # entry (exempt keys, watermarking disabled) pass through it untouched.
-        self.applies_watermark = watermark
-        self._logits_processors = watermark_processors() if watermark else []
+        self._extension = watermark
+        self.applies_watermark = watermark is not None
         self.tokenizer = HfTokenizer(info.path)
         self._llm: Any = None
         self._counter = RequestCounter()
@@ -61,6 +82,12 @@ class VllmEngine:
     # -- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._llm = await asyncio.to_thread(self._build)
+        if self._extension is not None:
+            try:
+                await self._extension.after_start(self._llm)
+            except BaseException:
+                await self.stop()
+                raise
         self._ready = True
         log.info("engine for %s ready on pool %s", self.info.fingerprint, self._pool.name)
 
@@ -68,6 +95,7 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        ext = self._extension
         args = AsyncEngineArgs(
             model=str(self.info.path),
             served_model_name=[self.info.name],
@@ -78,7 +106,8 @@ class VllmEngine:
             tensor_parallel_size=self._pool.tensor_parallel_size,
             trust_remote_code=False,
             disable_log_stats=True,
-            logits_processors=self._logits_processors or None,
+            logits_processors=list(ext.logits_processors) if ext else None,
+            worker_extension_cls=ext.worker_extension_cls if ext else "",
             **_scheduler_args(self._pool, self._model),
         )
         env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
@@ -87,7 +116,7 @@ class VllmEngine:
         else:
             if self._pool.devices:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in self._pool.devices)
-            if self._logits_processors:  # Model Runner V2 refuses V1 logits processors (see the end of this file)
+            if ext:  # Model Runner V2 refuses V1 logits processors (server.watermark.vllm_adapter)
                 env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         with _BUILD_LOCK, _patched_environ(env):
             return AsyncLLM.from_engine_args(args)
@@ -128,6 +157,41 @@ class VllmEngine:
                     self._counter.aborted += 1
                     if self._llm is not None:
                         await self._llm.abort(request.request_id)
+
+    async def prompt_top_logprobs(self, prompt_token_ids: Sequence[int], k: int) -> list[tuple[float, ...] | None]:
+        """One prefill with `prompt_logprobs=k` and a single greedy token; vLLM reports the raw model
+        log-probabilities (its default `raw_logprobs` mode), before any processor. No `_wm`: unwatermarked."""
+        if not self.ready():
+            raise EngineUnavailable("the model's engine is not running; retry shortly")
+        from vllm.inputs import tokens_input
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=k, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        request_id = f"score-{uuid.uuid4().hex}"
+        final: Any = None
+        with self._counter.track() as tracked:
+            try:
+                async for out in self._llm.generate(tokens_input(list(prompt_token_ids)), params, request_id):
+                    tracked.started()
+                    final = out
+            except (asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as exc:
+                raise _translate(exc) from exc
+            finally:
+                if (final is None or not final.finished) and self._llm is not None:
+                    self._counter.aborted += 1
+                    await self._llm.abort(request_id)
+        result: list[tuple[float, ...] | None] = []
+        for entry in final.prompt_logprobs or ():
+            if entry is None:
+                result.append(None)
+                continue
+            ranked = sorted((lp.rank, lp.logprob) for lp in entry.values() if lp.rank is not None and lp.rank <= k)
+            result.append(tuple(float(logprob) for _, logprob in ranked))
+        return result
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
@@ -247,108 +311,3 @@ class _patched_environ:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-# --- watermark logits processor (vLLM adapter) -----------------------------------------------------------
-# The processor logic lives in `server.watermark.processor.BatchWatermarker` (plain torch, tested without
-# vLLM); this section only adapts it to vLLM 0.32's V1 `LogitsProcessor` interface. The class subclasses a
-# vLLM type, and this module imports vLLM lazily everywhere else, so the class is defined on first use and
-# published as the module attribute `WatermarkLogitsProcessor` (PEP 562 `__getattr__`): vLLM's spawned
-# engine processes unpickle it by that name and find it.
-#
-# What guarantees real (non-placeholder) output token ids, in vLLM 0.32's V1 model runner (the CPU runner
-# subclasses it):
-#   1. `GPUModelRunner.__init__` builds its `InputBatch` with
-#      `logitsprocs_need_output_token_ids=bool(custom_logitsprocs)`: registering any custom processor makes
-#      `InputBatch._make_sampling_metadata` keep `sampling_metadata.output_token_ids`, the per-request
-#      output lists, which are the very list objects `BatchUpdate.added` hands us (`req_output_token_ids`).
-#   2. Under asynchronous scheduling those lists end in -1 placeholders for tokens still being copied from
-#      the device. Because the lists are needed, `set_async_sampled_token_ids` keeps the host copy of the
-#      sampled ids, and `GPUModelRunner._sample` calls `input_batch.update_async_output_token_ids()` (which
-#      waits on the copy event and overwrites the placeholders in place) *before* the sampler runs the
-#      logits processors.
-#   3. So we read the lists in `apply()`, inside the sampler, never in `update_state()` (which runs before
-#      the repair). Should a placeholder still appear, `BatchWatermarker` hashes nothing for that row and
-#      step and counts it (`placeholder_steps`).
-# `is_argmax_invariant()` is False, so vLLM also applies the processor to greedy requests. It runs after
-# the grammar bitmask, allowed-token mask, bad words and the built-in min-tokens / logit-bias processors,
-# and before penalties, temperature and top-k/top-p (logits arrive unscaled; a Gumbel row carries its own
-# temperature and leaves one finite logit, so penalties and top-k/top-p no longer shape that choice).
-# Not covered, and refused or failing closed rather than serving unmarked text:
-#   * speculative decoding: V1 applies only built-in processors to draft positions; vLLM's
-#     `build_logitsprocs` already refuses custom processors with it, and __init__ refuses it again;
-#   * Model Runner V2 (the default on CUDA hosts with Triton in 0.32): it loads only V2-interface processors
-#     and refuses this class at engine start, so CUDA pools must set VLLM_USE_V2_MODEL_RUNNER=0.
-
-_WATERMARK_PROCESSOR: type | None = None
-
-
-def watermark_processors() -> list[type]:
-    """The logits processors every engine registers (`VllmEngine(..., logits_processors=...)`).
-
-    Also creates the process tree's watermark transport key (before the engine spawns its processes, so
-    they inherit it; see `server.watermark.transport`).
-    """
-    from server.watermark.transport import install_transport_key
-
-    install_transport_key()
-    return [_watermark_processor_class()]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "WatermarkLogitsProcessor":
-        return _watermark_processor_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _watermark_processor_class() -> type:
-    global _WATERMARK_PROCESSOR
-    if _WATERMARK_PROCESSOR is None:
-        _WATERMARK_PROCESSOR = _define_watermark_processor()
-    return _WATERMARK_PROCESSOR
-
-
-def _define_watermark_processor() -> type:
-    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
-
-    from kernels.watermark_cpu import prepare as prepare_fused_cpu_path
-    from server.watermark.processor import BatchWatermarker
-    from server.watermark.request import parse_wm
-    from server.watermark.transport import current_sealer
-
-    class WatermarkLogitsProcessor(LogitsProcessor):
-        """Applies each request's server-set watermark (`SamplingParams.extra_args["_wm"]`) to the batch."""
-
-        def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
-            if getattr(vllm_config, "speculative_config", None) is not None:
-                raise ValueError("watermarking does not support speculative decoding (drafts would go unmarked)")
-            self._batch = BatchWatermarker(current_sealer(), pin_memory=is_pin_memory)  # no transport key: refuse
-            if str(device).startswith("cpu"):
-                prepare_fused_cpu_path()  # on the engine's thread, before any request (kernels/watermark_cpu.py)
-
-        @classmethod
-        def validate_params(cls, sampling_params: Any) -> None:
-            """At admission: refuse a malformed or forged `_wm`, or one whose temperature disagrees."""
-            wm = parse_wm(sampling_params.extra_args)
-            if wm is not None and wm.temperature != float(sampling_params.temperature):
-                raise ValueError("_wm.t does not match the request's temperature")
-
-        def is_argmax_invariant(self) -> bool:
-            return False  # a watermark changes greedy choices too
-
-        def update_state(self, batch_update: BatchUpdate | None) -> None:
-            if batch_update is None:
-                return
-            for index in batch_update.removed:
-                self._batch.remove(index)
-            for index, params, prompt_ids, output_ids in batch_update.added:
-                self._batch.add(index, params.extra_args, output_ids, prompt_ids)
-            for a, b, direction in batch_update.moved:
-                self._batch.move(a, b, swap=direction == MoveDirectionality.SWAP)
-
-        def apply(self, logits: Any) -> Any:
-            return self._batch.apply(logits)
-
-    WatermarkLogitsProcessor.__module__ = __name__
-    WatermarkLogitsProcessor.__qualname__ = "WatermarkLogitsProcessor"
-    return WatermarkLogitsProcessor

@@ -19,6 +19,16 @@ Gumbel: S = sum of -log(1 - u) over scored positions with u the emitted token's 
 Exp(1) under H0 (up to u's 2**-24 grid, which only shortens the tail), so p = P(Gamma(n, 1) >= S)
 = `gamma.sf(S, n)`; z = (S - n) / sqrt(n).
 
+kgw-gated (greedy answers): generation biased only positions where the model was unsure (top
+probability below the key's `gate`) and had a near-tie (another token within `delta` of the top), and
+never the first `warmup` tokens. The detector scores the same positions, recomputing each position's top
+two log-probabilities with the model (`confidences`: the serving engine scores the text after a neutral
+chat prefix, `server.watermark.confidence`). That selection depends on the text alone, never on the key,
+so under H0 the colours of the selected positions are still independent Bernoulli(p0) and the binomial
+test stays exact; where the recomputed confidences differ from generation's (the detector does not see
+the prompt) the test only loses power. Without confidences (the command line has no model) kgw-gated is
+scored on every position, which is just as valid and weaker.
+
 Multiple testing: the reported p-value is Bonferroni-adjusted, min(1, m p) over the m (key, scheme)
 tests tried, so the probability that an unwatermarked text is flagged under any of them is at most the
 threshold. The result carries aggregates only, never per-token scores (those would show an attacker
@@ -28,7 +38,7 @@ exactly which tokens to edit).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,7 +47,14 @@ import torch
 from kernels import watermark_hash as H
 from kernels.watermark import gumbel_u, kgw_green
 from kernels.watermark_params import Scheme
-from server.watermark.types import SCHEME_NAMES, KeyMaterial, effective_width, possible_schemes
+from server.watermark.types import (
+    KGW_GATED,
+    KGW_GATED_KERNEL_SCHEME,
+    SCHEME_NAMES,
+    KeyMaterial,
+    effective_width,
+    possible_schemes,
+)
 
 DEFAULT_THRESHOLD = 1e-4
 DEFAULT_MIN_TOKENS = 16
@@ -71,8 +88,19 @@ class _Test:
     green_fraction: float | None
 
 
-def scored_positions(token_ids: Sequence[int], key: bytes, scheme: int, width: int) -> list[int]:
-    """Indices of the tokens a detector scores (see the module docstring), in order."""
+# One position's model confidence: its top log-probabilities, highest first (at least two), or None.
+Confidence = Sequence[float] | None
+
+
+def scored_positions(
+    token_ids: Sequence[int],
+    key: bytes,
+    scheme: int,
+    width: int,
+    selected: Callable[[int], bool] | None = None,
+) -> list[int]:
+    """Indices of the tokens a detector scores (see the module docstring), in order. `selected(t)`, when
+    given, keeps only some first-occurrence positions (kgw-gated's gate), before hash inputs are deduplicated."""
     contexts: set[tuple[int, ...]] = set()
     inputs: set[tuple[int, int]] = set()
     kh = H.murmur3_words([*H.key_words(key), 2]) if scheme == Scheme.KGW_SELFHASH else 0
@@ -83,6 +111,8 @@ def scored_positions(token_ids: Sequence[int], key: bytes, scheme: int, width: i
         if ctx in contexts:
             continue
         contexts.add(ctx)
+        if selected is not None and not selected(t):
+            continue
         token = token_ids[t]
         if scheme == Scheme.KGW_SELFHASH:  # other schemes: a new context is a new hash input
             for tok in (*ctx, token):
@@ -110,9 +140,32 @@ def gumbel_p_value(score: float, n: int) -> float:
     return float(stats.gamma.sf(score, n))
 
 
-def _test(token_ids: Sequence[int], material: KeyMaterial, scheme: int, min_tokens: int) -> _Test:
+def gate_selector(material: KeyMaterial, confidences: Sequence[Confidence] | None) -> Callable[[int], bool] | None:
+    """kgw-gated's positions for `material`: past the warm-up, the model unsure (top probability below the
+    gate) with a near-tie (the second log-probability within delta of the first). None scores every
+    position (no confidences, or a key made without a gate)."""
+    if confidences is None or not material.gate:
+        return None
+    log_gate, delta, warmup = math.log(material.gate), material.delta, material.warmup
+
+    def selected(t: int) -> bool:
+        conf = confidences[t] if t < len(confidences) else None
+        return t >= warmup and conf is not None and conf[0] < log_gate and conf[1] >= conf[0] - delta
+
+    return selected
+
+
+def _test(
+    token_ids: Sequence[int],
+    material: KeyMaterial,
+    scheme: int,
+    min_tokens: int,
+    confidences: Sequence[Confidence] | None,
+) -> _Test:
     width = effective_width(scheme, material.width)
-    keep = scored_positions(token_ids, material.key, scheme, width)
+    selected = gate_selector(material, confidences) if scheme == KGW_GATED else None
+    hashed = KGW_GATED_KERNEL_SCHEME if scheme == KGW_GATED else scheme
+    keep = scored_positions(token_ids, material.key, hashed, width, selected)
     n = len(keep)
     if n < min_tokens:
         return _Test(scheme, material.key_id, 1.0, 0.0, n, None)
@@ -122,7 +175,7 @@ def _test(token_ids: Sequence[int], material: KeyMaterial, scheme: int, min_toke
         u = gumbel_u(material.key, contexts, candidates).double()
         score = float(-torch.log1p(-u).sum())
         return _Test(scheme, material.key_id, gumbel_p_value(score, n), (score - n) / math.sqrt(n), n, None)
-    green = int(kgw_green(material.key, contexts, candidates, Scheme(scheme), material.gamma).sum())
+    green = int(kgw_green(material.key, contexts, candidates, Scheme(hashed), material.gamma).sum())
     p0 = H.gamma_threshold(material.gamma) / 2.0**32
     z = (green - p0 * n) / math.sqrt(n * p0 * (1.0 - p0))
     return _Test(scheme, material.key_id, kgw_p_value(green, n, p0), z, n, green / n)
@@ -135,13 +188,17 @@ def detect(
     *,
     threshold: float = DEFAULT_THRESHOLD,
     min_tokens: int = DEFAULT_MIN_TOKENS,
+    confidences: Sequence[Confidence] | None = None,
 ) -> DetectionResult:
-    """Test `token_ids` against every candidate key; `detected` iff the adjusted p-value < `threshold`."""
+    """Test `token_ids` against every candidate key; `detected` iff the adjusted p-value < `threshold`.
+    `confidences[t]`: the model's top log-probabilities at position t (kgw-gated's gate), if known."""
     ids = [int(t) for t in token_ids]
     limit = vocab_size if vocab_size is not None else 1 << 31
     if any(t < 0 or t >= limit for t in ids):
         raise ValueError(f"token ids must lie in [0, {limit})")
-    tests = [_test(ids, m, s, min_tokens) for m in candidates for s in possible_schemes(m.scheme)]
+    if confidences is not None and len(confidences) != len(ids):
+        raise ValueError("confidences must hold one entry per token")
+    tests = [_test(ids, m, s, min_tokens, confidences) for m in candidates for s in possible_schemes(m.scheme)]
     if not tests:
         return DetectionResult(False, None, None, 1.0, 0.0, 0, None, reason="no_keys")
     informative = [t for t in tests if t.n >= min_tokens]

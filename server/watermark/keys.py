@@ -237,7 +237,10 @@ class WatermarkKeyring:
 
     def _params(self) -> dict[str, float | int]:
         s = self._settings
-        return {"gamma": float(s.gamma), "delta": float(s.delta), "width": int(s.width)}
+        params: dict[str, float | int] = {"gamma": float(s.gamma), "delta": float(s.delta), "width": int(s.width)}
+        if s.scheme in ("auto", "gumbel"):  # kgw-gated's parameters, for the greedy requests of such a key
+            params.update(gate=float(s.gate), warmup=int(s.warmup))
+        return params
 
     def _create(self, session: Session, org_id: str | None, actor: Actor, reason: str) -> KeyMaterial:
         now = datetime.now(UTC)
@@ -277,6 +280,8 @@ class WatermarkKeyring:
             key=self._box.decrypt(row.key_encrypted, f"watermark:{row.key_id}"),
             status=row.status,
             org_id=row.org_id,
+            gate=float(p.get("gate", 0.0)),  # keys made before kgw-gated existed have none
+            warmup=int(p.get("warmup", 0)),
         )
 
 

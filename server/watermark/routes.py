@@ -10,7 +10,9 @@ flips. So, in this order:
      against the model's real vocabulary;
   3. probe screen: near-identical queries are counted and, past a threshold, refused and reported
      (`DetectGuard.screen`, `probes`);
-  4. the detector, trying only the caller organization's keys and the deployment default's;
+  4. the detector, trying only the caller organization's keys and the deployment default's; for keys
+     with kgw-gated (greedy answers) the engine first scores the text once (`confidence`), generating
+     nothing, so the detector knows where the model was unsure;
   5. the answer: a verdict with a coarse strength band, never counts or scores (`verdict`).
 
 Each call is audited (`watermark.detect`) with the same coarse fields the caller sees: audit readers of
@@ -32,6 +34,7 @@ from server.errors import InvalidRequest, PermissionDenied, StepUpRequired, TooM
 from server.identity.authn import client_addr, principal_of
 from server.identity.authz import requires
 from server.identity.principal import Principal
+from server.watermark.confidence import text_confidences
 from server.watermark.detect_guard import DetectGuard
 from server.watermark.settings import WatermarkSettings
 from server.watermark.types import KeyMaterial
@@ -111,7 +114,10 @@ async def _detect(request: Request, principal: Principal, guard: DetectGuard, re
         )
     await guard.screen(principal, token_ids, actor, model=body.model)
     candidates = await asyncio.to_thread(state.watermark_keys.all_keys_for, principal.org_id)
-    verdict = await asyncio.to_thread(_run_detector, token_ids, candidates, vocab_size, settings)
+    confidences = None
+    if any(m.gate for m in candidates):  # kgw-gated scores only the positions where the model was unsure
+        confidences = await text_confidences(engine, token_ids, engine.info.max_model_len)
+    verdict = await asyncio.to_thread(_run_detector, token_ids, candidates, vocab_size, settings, confidences)
     state.audit_sink.submit(actor, "watermark.detect", "success", model=body.model, **verdict)
     return verdict
 
@@ -141,7 +147,11 @@ def _check_vocabulary(token_ids: list[int], vocab_size: int) -> None:
 
 
 def _run_detector(
-    token_ids: list[int], candidates: list[KeyMaterial], vocab_size: int, settings: WatermarkSettings
+    token_ids: list[int],
+    candidates: list[KeyMaterial],
+    vocab_size: int,
+    settings: WatermarkSettings,
+    confidences: list[tuple[float, ...] | None] | None = None,
 ) -> dict[str, Any]:
     """The one place the detector is called; returns the caller's verdict (never the raw result)."""
     from server.watermark.detector import detect  # torch and scipy load on first use, not at server start
@@ -153,6 +163,7 @@ def _run_detector(
             vocab_size,
             threshold=settings.detect_p_threshold,
             min_tokens=settings.detect_min_tokens,
+            confidences=confidences,
         )
     except ValueError as exc:
         raise InvalidRequest(f"Invalid request: {exc}.", param="token_ids", code="invalid_value") from None

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-SchemeName = Literal["kgw-selfhash", "kgw-lefthash", "gumbel", "auto"]
+SchemeName = Literal["auto", "gumbel", "kgw-selfhash", "kgw-lefthash"]
 
 
 class WatermarkSettings(BaseModel):
@@ -21,12 +21,17 @@ class WatermarkSettings(BaseModel):
     model_config = {"extra": "forbid"}
 
     enabled: bool = True
-    # kgw-selfhash (default) | kgw-lefthash | gumbel | auto. "gumbel" and "auto" use Gumbel-max sampling
-    # for requests with temperature > 0 and fall back to kgw-selfhash (same key) for greedy requests,
-    # where Gumbel-max would degenerate to argmax and carry no signal.
-    scheme: SchemeName = "kgw-selfhash"
+    # auto (default; "gumbel" is a synonym): sampled requests (temperature > 0) get Gumbel-max inside vLLM's
+    # sampler, an exact sample of the distribution they asked for; greedy requests get kgw-gated, which
+    # biases only positions where the model is unsure. kgw-selfhash | kgw-lefthash: KGW on every request
+    # and position (changes greedy answers; for compatibility). docs/watermark.md has the measurements.
+    scheme: SchemeName = "auto"
     gamma: float = Field(default=0.25, gt=0.0, lt=1.0)  # KGW green-list fraction
-    delta: float = Field(default=2.0, gt=0.0, le=20.0)  # KGW logit bias
+    delta: float = Field(default=2.0, gt=0.0, le=20.0)  # KGW logit bias (kgw-gated: also its near-tie window)
+    # kgw-gated: positions whose top probability is at least `gate` are never biased, nor are the first
+    # `warmup` tokens of an answer (short factual answers stay exactly what the model says).
+    gate: float = Field(default=0.2, gt=0.0, le=1.0)
+    warmup: int = Field(default=0, ge=0, le=256)
     # Context window hashed per token; 0 means the scheme's default (lefthash 1, selfhash 4, gumbel 4).
     width: int = Field(default=0, ge=0, le=8)
     # Detection: the family-wise false-positive bound (Bonferroni over every key and scheme tried).

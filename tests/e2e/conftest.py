@@ -55,7 +55,7 @@ class LiveServer:
         created = json.loads(out.stdout)
         done = self.cli("watermark", "exempt", created["id"], "--reason", "e2e: unwatermarked baseline")
         assert done.returncode == 0, done.stderr
-        self.wait_for_watermark(created["key"], "off")
+        self.wait_for_watermark(created["key"], "off; reason=exempt")
         return created["key"]
 
     def wait_for_watermark(self, key: str, expected: str, timeout: float = 30.0) -> None:

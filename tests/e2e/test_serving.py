@@ -17,14 +17,10 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def plain_client(live_server):
-    """A client whose key is exempt from watermarking: the model's own greedy answers. (The +2 logit bias
-    of the watermark on a quarter of the vocabulary flips this 135M model's first token here, where its
-    top candidates lie within 1 nat of each other; tests/e2e/test_watermark.py covers the marked path.)"""
-    with openai.OpenAI(
-        base_url=f"{live_server.url}/v1", api_key=live_server.exempt_key(), max_retries=0, timeout=120
-    ) as c:
-        yield c
+def plain_client(client):
+    """An ordinary, watermarked key (the deployment's default `auto` key): greedy answers carry kgw-gated,
+    which leaves confident answers such as this one exactly as the model gives them."""
+    return client
 
 
 def test_chat_completion_answers_paris(plain_client):
@@ -32,7 +28,8 @@ def test_chat_completion_answers_paris(plain_client):
         model=MODEL, messages=QUESTION, temperature=0, max_tokens=30
     )
     resp = raw.parse()
-    assert "Paris" in resp.choices[0].message.content
+    assert resp.choices[0].message.content == "The capital of France is Paris."
+    assert raw.headers["x-watermark"].startswith("kgw-gated; key-id=wk_")
     digest = raw.headers["x-model-digest"].removeprefix("sha256:")
     assert len(digest) == 64
     assert resp.system_fingerprint == f"{MODEL}@{raw.headers['x-model-version']}+{digest[:12]}"

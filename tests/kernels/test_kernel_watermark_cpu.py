@@ -80,8 +80,8 @@ def test_a_failing_fused_call_leaves_the_logits_to_the_eager_path(fused, monkeyp
     def broken(*_args):
         raise RuntimeError("inductor fell over")
 
-    monkeypatch.setattr(compiled, "kgw", broken)
-    monkeypatch.setattr(compiled, "gumbel_u", broken)
+    for name in ("kgw", "gumbel_u", "exp_sum", "gumbel_argmax"):
+        monkeypatch.setattr(compiled, name, broken)
     monkeypatch.setattr(compiled, "ready", True)  # restored for the other tests
     monkeypatch.setattr(compiled, "error", None)
     rng = random.Random(9)
@@ -95,6 +95,22 @@ def test_a_failing_fused_call_leaves_the_logits_to_the_eager_path(fused, monkeyp
         apply_watermark_reference(want, WatermarkBatch.build(rows))
     assert same_bits(ours, want)
     assert not watermark_cpu.ready() and not watermark_cpu.applies_to(x)
+    for name in ("exp_sum", "gumbel_argmax"):  # each falls back on its own, from the first failure
+        monkeypatch.setattr(compiled, "ready", True)
+        with torch.inference_mode():
+            x = _tied_logits(rng, 3, 500)
+            gated = [RowParams(Scheme.KGW_SELFHASH, key, [1, 2, 3, 4], gate=1.0)] * 3
+            ours, want = x.clone(), x.clone()
+            apply_watermark(ours, WatermarkBatch.build(gated))
+            apply_watermark_reference(want, WatermarkBatch.build(gated))
+            assert same_bits(ours, want)
+            from kernels.watermark import sample_gumbel
+
+            gumbel = WatermarkBatch.build([RowParams(Scheme.GUMBEL, key, [1, 2, 3, 4])] * 3)
+            chosen = x.clone()
+            apply_watermark_reference(chosen, gumbel)
+            assert torch.equal(sample_gumbel(x, gumbel), chosen.nan_to_num(float("-inf")).argmax(dim=1))
+        assert not watermark_cpu.ready(), name
 
 
 def test_operators_can_switch_the_fused_path_off(monkeypatch) -> None:
@@ -102,3 +118,58 @@ def test_operators_can_switch_the_fused_path_off(monkeypatch) -> None:
     compiled = watermark_cpu._Compiled()
     compiled.build()  # returns at once: nothing compiled
     assert not compiled.ready and compiled.error == f"switched off ({watermark_cpu.SWITCH}=0)"
+
+
+def _tied_logits(rng: random.Random, n_rows: int, vocab: int) -> torch.Tensor:
+    """Clean rows (no NaN/+inf, which close a gate) with near-ties at the top: gated rows open or close."""
+    x = torch.randn(n_rows, vocab, generator=torch.Generator().manual_seed(rng.getrandbits(32))) * 3
+    for r in range(n_rows):
+        top = float(x[r].max())
+        for j in range(rng.randrange(1, 7)):
+            x[r, rng.randrange(vocab)] = top + 1.0 - 0.4 * j
+    return x
+
+
+@pytest.mark.parametrize("vocab", [31, 49_152, 50_257])
+def test_gated_rows_fused_match_the_reference(fused, vocab: int) -> None:
+    rng = random.Random(vocab + 1)
+    touched = 0
+    for n_rows in (1, 5, 33):
+        rows = [
+            RowParams(Scheme(rng.choice([1, 2])), rng.randbytes(16), [rng.randrange(vocab) for _ in range(4)],
+                      delta=rng.choice([0.5, 2.0, 3.0]), gate=rng.choice([0.05, 0.3, 1.0]))
+            for _ in range(n_rows)
+        ]  # fmt: skip
+        with torch.inference_mode():
+            x = _tied_logits(rng, n_rows, vocab)
+            ours, want = x.clone(), x.clone()
+            apply_watermark(ours, WatermarkBatch.build(rows))
+            apply_watermark_reference(want, WatermarkBatch.build(rows))
+        assert same_bits(ours, want), (n_rows, vocab)
+        touched += int((ours != x).any(dim=1).sum())
+    assert touched > 0  # some gates were open
+
+
+@pytest.mark.parametrize("vocab", [31, 49_152])
+def test_sampler_choice_fused_matches_the_reference(fused, vocab: int) -> None:
+    from kernels.watermark import sample_gumbel
+
+    rng = random.Random(vocab + 2)
+    for n_rows in (1, 4, 17):
+        rows = [
+            RowParams(Scheme.GUMBEL, rng.randbytes(16), [rng.randrange(vocab) for _ in range(4)]) if i % 3 else None
+            for i in range(n_rows)
+        ]
+        batch = WatermarkBatch.build(rows)
+        with torch.inference_mode():
+            x = logits_for(rng, n_rows, vocab)
+            x[:, : vocab // 3] = float("-inf")  # a filtered distribution, as after top-p
+            chosen = sample_gumbel(x, batch)
+            want = x.clone()
+            apply_watermark_reference(want, batch)
+        for i, row in enumerate(rows):
+            if row is None:
+                assert int(chosen[i]) == -1
+            else:
+                assert int(chosen[i]) == int(want[i].nan_to_num(float("-inf")).argmax()), (n_rows, i)
+                assert chosen[i] >= vocab // 3  # never a filtered token

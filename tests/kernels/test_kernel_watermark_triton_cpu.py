@@ -30,6 +30,7 @@ def test_interpreted_kernel_is_bit_exact_against_reference() -> None:
     bad = [c for c in cases if c["mismatches"]]
     assert not bad, json.dumps(bad, indent=1)
     assert sum(c["touched"] for c in cases) > 0  # the watermark did something
+    assert sum(c["gated_rows_touched"] for c in cases) > 0  # and some confidence-gated row was open
 
 
 def _compile(kernel, signature: dict, constexprs: dict, num_warps: int) -> str:
@@ -58,11 +59,14 @@ def test_kernel_compiles_for_hopper_with_exact_arithmetic(dtype: str) -> None:
     from kernels import watermark_triton as W
 
     pointers = {"logits_ptr": f"*{dtype}", "stride_row": "i32", "table_ptr": "*i32", "cand_ptr": "*i32"}
-    main_sig = pointers | {"vocab": "i32", "n_blocks": "i32", "BLOCK": "constexpr", "LOGITS_BF16": "constexpr"}
-    ptx = _compile(W._watermark_kernel, main_sig, {"BLOCK": 4096, "LOGITS_BF16": dtype == "bf16"}, 8)
+    gate = {"open_ptr": "*i32", "floor_ptr": "*fp32"}
+    constexprs = {"BLOCK": 4096, "LOGITS_BF16": dtype == "bf16", "HAS_GATED": True}
+    main_sig = pointers | gate | {"vocab": "i32", "n_blocks": "i32"} | dict.fromkeys(constexprs, "constexpr")
+    ptx = _compile(W._watermark_kernel, main_sig, constexprs, 8)
     ops = set(re.findall(r"^\s*([a-z]+(?:\.[\w]+)+)", ptx, re.M))
     assert "div.rn.f32" in ops  # 1 / T correctly rounded, like torch (Triton's `/` is div.full)
     assert not any(op.startswith(("div.full", "div.approx")) for op in ops)
     assert "min.u32" in ops and "setp.lt.u32" in ops  # unsigned min and threshold compare
+    assert "setp.ge.f32" in ops or "setp.geu.f32" in ops  # the gated rows' near-tie window
     fin_sig = pointers | {"n_blocks": "i32", "NB": "constexpr"}
     assert _compile(W._gumbel_finalize_kernel, fin_sig, {"NB": 32}, 1)

@@ -1,5 +1,5 @@
 """Shared pieces: a transport sealer, key material, and a pure-torch generator that samples through
-`BatchWatermarker` (no engine), so round trips run in seconds."""
+`BatchWatermarker` and a stand-in for vLLM's sampler (no engine), so round trips run in seconds."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from server.watermark.processor import BatchWatermarker
+from kernels.watermark import sample_gumbel
+from server.watermark.processor import BatchWatermarker, SamplerChannel
 from server.watermark.request import watermark_extra_args
 from server.watermark.transport import KeySealer
 from server.watermark.types import KeyMaterial
@@ -37,9 +38,28 @@ def fake_app(tmp_path, **overrides):  # type: ignore[no-untyped-def]
     )
 
 
-def material(scheme: str = "kgw-selfhash", key_id: str = "wk_00000000000a", key: bytes | None = None) -> KeyMaterial:
-    """Key material; a fixed `key` makes a test that asserts a detection rate deterministic."""
-    return KeyMaterial(key_id=key_id, scheme=scheme, gamma=0.25, delta=2.0, width=0, key=key or os.urandom(16))
+def material(
+    scheme: str = "kgw-selfhash",
+    key_id: str = "wk_00000000000a",
+    key: bytes | None = None,
+    *,
+    gate: float | None = None,
+    warmup: int = 0,
+) -> KeyMaterial:
+    """Key material; a fixed `key` makes a test that asserts a detection rate deterministic. auto/gumbel keys
+    get a kgw-gated gate of 0.2 unless `gate` says otherwise."""
+    if gate is None:
+        gate = 0.2 if scheme in ("auto", "gumbel") else 0.0
+    return KeyMaterial(
+        key_id=key_id,
+        scheme=scheme,
+        gamma=0.25,
+        delta=2.0,
+        width=0,
+        key=key or os.urandom(16),
+        gate=gate,
+        warmup=warmup,
+    )
 
 
 @pytest.fixture
@@ -60,19 +80,40 @@ def generate(
     """One sequence per entry of `keys` (None: unwatermarked), sampled together as one batch from random
     logits (`spread` sets their entropy) after the batch watermarker ran."""
     gen = torch.Generator().manual_seed(seed)
-    batch = BatchWatermarker(sealer)
+    channel = installed_channel()
+    batch = BatchWatermarker(sealer, channel=channel)
     outputs: list[list[int]] = [[] for _ in keys]
     for i, key in enumerate(keys):
         extra = watermark_extra_args(key, temperature, sealer) if key is not None else {}
-        prompt = torch.randint(0, vocab, (6,), generator=gen).tolist()
-        batch.add(i, extra, outputs[i], prompt)
+        batch.add(i, extra, outputs[i])
     for _ in range(length):
         logits = torch.randn(len(keys), vocab, generator=gen) * spread
         batch.apply(logits)
-        if temperature == 0:
-            tokens = logits.argmax(dim=1)
-        else:
-            tokens = torch.multinomial(torch.softmax(logits / temperature, dim=1), 1, generator=gen)[:, 0]
+        tokens = sample_like_vllm(logits, temperature, channel, gen)
         for out, tok in zip(outputs, tokens.tolist(), strict=True):
             out.append(tok)
     return outputs
+
+
+def installed_channel() -> SamplerChannel:
+    channel = SamplerChannel()
+    channel.installed = True  # the stand-in sampler below takes its offers
+    return channel
+
+
+def sample_like_vllm(
+    logits: torch.Tensor, temperature: float, channel: SamplerChannel, gen: torch.Generator
+) -> torch.Tensor:
+    """What vLLM's sampler does after the logits processors, for one temperature and no filters: argmax
+    for greedy; else scale by the temperature, let the hook choose the offered Gumbel rows and sample the
+    others."""
+    if temperature == 0:
+        channel.take(logits.shape[0])  # vLLM's greedy path never reaches the hook: nothing must be offered
+        return logits.argmax(dim=1)
+    scaled = logits / temperature
+    tokens = torch.multinomial(torch.softmax(scaled, dim=1), 1, generator=gen)[:, 0]
+    pending = channel.take(logits.shape[0])
+    if pending is None:
+        return tokens
+    chosen = sample_gumbel(scaled, pending)
+    return torch.where(chosen >= 0, chosen, tokens)

@@ -118,18 +118,25 @@ def test_request_marker_sets_a_sealed_watermark_and_an_honest_header(app):
     default = keys.active_key_for(None)
     wm = parse_wm(marked[0].options.extra_args)
     assert wm is not None and wm.key_id == default.key_id and wm.key == default.key and wm.temperature == 0.7
-    assert header == {"X-Watermark": f"kgw-selfhash; key-id={default.key_id}"}
+    assert header == {"X-Watermark": f"gumbel; key-id={default.key_id}"}  # auto, sampled: Gumbel in the sampler
     assert default.key.hex() not in str(marked[0].options.extra_args)  # sealed, never in the clear
     assert gens[0].options.extra_args == {}  # the caller's request is not mutated
 
+    greedy = [GenerationRequest("g", [1, 2, 3], SamplingOptions(max_tokens=4, temperature=0.0))]
+    marked, header = asyncio.run(marker.mark(principal, _MarkingEngine(_info()), greedy))
+    wm = parse_wm(marked[0].options.extra_args)
+    assert header == {"X-Watermark": f"kgw-gated; key-id={default.key_id}"}  # auto, greedy: confidence-gated KGW
+    assert wm is not None and wm.gate == default.gate > 0 and wm.warmup == default.warmup
+
     # An engine that does not apply watermarks never claims one.
-    assert asyncio.run(marker.mark(principal, FakeEngine(_info()), gens)) == (gens, {"X-Watermark": "off"})
+    off_engine = {"X-Watermark": "off; reason=engine"}
+    assert asyncio.run(marker.mark(principal, FakeEngine(_info()), gens)) == (gens, off_engine)
 
     from server.audit.service import Actor
 
     keys.exempt(key_id, Actor.system(), "test")
     unmarked, header = asyncio.run(marker.mark(principal, _MarkingEngine(_info()), gens))
-    assert unmarked == gens and header == {"X-Watermark": "off"}
+    assert unmarked == gens and header == {"X-Watermark": "off; reason=exempt"}
 
 
 def test_fake_engine_responses_say_off(app):
@@ -146,4 +153,4 @@ def test_fake_engine_responses_say_off(app):
         headers={"Authorization": f"Bearer {key}"},
         json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
     )
-    assert resp.status_code == 200 and resp.headers["x-watermark"] == "off"
+    assert resp.status_code == 200 and resp.headers["x-watermark"] == "off; reason=engine"

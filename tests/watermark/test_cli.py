@@ -19,6 +19,7 @@ from server.watermark.keys import WatermarkKeyring
 from server.watermark.processor import BatchWatermarker
 from server.watermark.request import watermark_extra_args
 from server.watermark.settings import WatermarkSettings
+from tests.watermark.conftest import installed_channel, sample_like_vllm
 
 
 @pytest.fixture
@@ -47,13 +48,14 @@ def _word_text(model_dir: Path, sealer, key, n: int) -> str:
     allowed[words] = 0.0
     gen = torch.Generator().manual_seed(0)
     out: list[int] = []
-    batch = BatchWatermarker(sealer)
+    channel = installed_channel()
+    batch = BatchWatermarker(sealer, channel=channel)
     if key is not None:
-        batch.add(0, watermark_extra_args(key, 1.0, sealer), out, [])
+        batch.add(0, watermark_extra_args(key, 1.0, sealer), out)
     for _ in range(n):
         logits = torch.randn(1, len(tok), generator=gen) * 2.5 + allowed
         batch.apply(logits)
-        out.append(int(torch.multinomial(torch.softmax(logits, dim=1), 1, generator=gen)))
+        out.append(int(sample_like_vllm(logits, 1.0, channel, gen)[0]))
     return tok.decode(out)
 
 

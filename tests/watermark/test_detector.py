@@ -118,3 +118,65 @@ def test_bonferroni_counts_every_key_and_scheme():
     # An auto key may carry Gumbel or KGW selfhash: it counts as two tests.
     auto = KeyMaterial("wk_00000000000f", "auto", 0.25, 2.0, 0, key.key)
     assert detect(tokens, [auto], threshold=1.0).p_value <= min(1.0, 2 * alone.p_value) + 1e-12
+
+
+def _greedy_with_confidences(sealer, key, length: int, seed: int, vocab: int = 1500):
+    """Greedy text through the batch watermarker where every other position is confident (one logit far
+    ahead) and the rest unsure with near-ties; returns the tokens and each position's top-2 log-probs."""
+    from server.watermark.processor import BatchWatermarker
+    from server.watermark.request import watermark_extra_args
+
+    gen = torch.Generator().manual_seed(seed)
+    batch = BatchWatermarker(sealer)
+    out: list[int] = []
+    conf: list[tuple[float, float]] = []
+    batch.add(0, watermark_extra_args(key, 0.0, sealer), out)
+    for step in range(length):
+        logits = torch.randn(1, vocab, generator=gen)
+        if step % 2:
+            logits[0, int(torch.randint(vocab, (1,), generator=gen))] += 12.0  # confident
+        else:
+            logits[0, torch.randint(vocab, (8,), generator=gen)] += 4.0  # unsure: near-ties at the top
+        top = torch.topk(logits.log_softmax(-1)[0], 2).values
+        conf.append((float(top[0]), float(top[1])))
+        batch.apply(logits)
+        out.append(int(logits.argmax()))
+    return out, conf
+
+
+def test_gated_detection_scores_the_unsure_positions_it_can_recompute(sealer):
+    key = material("auto", key=bytes(range(16)), gate=0.5)
+    tokens, conf = _greedy_with_confidences(sealer, key, 160, seed=3)
+    gated = detect(tokens, [key], threshold=1.0, confidences=conf)
+    ungated = detect(tokens, [key], threshold=1.0)
+    assert gated.scheme == "kgw-gated" and gated.tokens_scored <= 80  # only the unsure half
+    assert gated.p_value < 1e-8 and gated.p_value < ungated.p_value / 100  # the confident half only dilutes
+    assert detect(tokens, [key], threshold=1e-4, confidences=conf).scheme == "kgw-gated"
+    with pytest.raises(ValueError):
+        detect(tokens, [key], confidences=conf[:-1])
+
+
+def test_gated_selection_keeps_the_test_exact_under_h0():
+    """The gate depends on the text (through the model), never on the key: unwatermarked texts with any
+    confidences stay under the threshold at its nominal rate."""
+    rng = random.Random(4)
+    keys = [material("auto", key=bytes([i]) * 16, gate=0.5) for i in range(2)]
+    p_values = []
+    for _ in range(600):
+        tokens = [rng.randrange(3000) for _ in range(120)]
+        conf = [(math.log(rng.choice([0.1, 0.3, 0.9])), math.log(0.05)) for _ in tokens]
+        p_values.append(detect(tokens, keys, threshold=1.0, confidences=conf).p_value)
+    for level in (0.01, 0.05, 0.2):
+        rate = sum(p < level for p in p_values) / len(p_values)
+        assert rate <= level + 3 * math.sqrt(level / len(p_values)), (level, rate)
+
+
+def test_gate_selector_follows_gate_delta_and_warmup():
+    from server.watermark.detector import gate_selector
+
+    key = material("auto", gate=0.3, warmup=3)
+    unsure, sure, no_tie = (math.log(0.2), math.log(0.15)), (math.log(0.9), math.log(0.05)), (math.log(0.2), -9.0)
+    selected = gate_selector(key, [unsure, unsure, unsure, unsure, sure, no_tie, None])
+    assert selected is not None
+    assert [selected(t) for t in range(8)] == [False, False, False, True, False, False, False, False]
+    assert gate_selector(key, None) is None and gate_selector(material("auto", gate=0.0), [unsure]) is None

@@ -1,0 +1,136 @@
+"""Is the sampled-request watermark distortion-free? Watermarked draws against vLLM's own sampling.
+
+The default model in an engine built like the server's (watermark processor and sampler hook installed).
+For each prompt and each sampling setting (temperature, top_p, top_k, min_p, presence and frequency
+penalties: every one of them is applied before the keyed choice), --draws requests of --tokens tokens are
+generated watermarked, each under its own fresh key, and as many without a watermark (vLLM's sampler).
+Output positions 0..3 are never marked (their context lies in the prompt, see
+server/watermark/processor.py), so the test looks at the tokens of the first marked positions, 4 and 5:
+if the keyed choice is an exact sample of the distribution the request asked for, the watermarked and the
+unwatermarked tokens there have the same distribution. Per (prompt, setting, position) a chi-square test of
+homogeneity on the 2 x K table (tokens seen fewer than --min-count times pooled into one cell); the tables
+are combined by adding chi-square statistics and degrees of freedom. A second, per-key check: with only
+--keys keys (each used for many draws), the same test, showing the result does not rest on key variety.
+
+    .venv/bin/python bench/watermark_distortion.py [--draws 700] [--prompts 5]
+
+Writes bench/results/watermark_distortion-<host>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from wm_engine import REPO, Bench, machine, prompts, random_key  # noqa: E402
+
+SETTINGS = [
+    {"temperature": 1.0, "top_p": 0.9, "presence_penalty": 0.5},
+    {"temperature": 0.7, "top_k": 40, "frequency_penalty": 0.8},
+    {"temperature": 1.2, "min_p": 0.05, "top_p": 0.95, "repetition_penalty": 1.2},
+]
+POSITIONS = (4, 5)
+
+
+def homogeneity(a: list[int], b: list[int], min_count: int) -> tuple[float, int]:
+    """Chi-square statistic and degrees of freedom of the 2 x K table of two samples of tokens."""
+    ca, cb = Counter(a), Counter(b)
+    cells = [t for t in set(ca) | set(cb) if ca[t] + cb[t] >= min_count]
+    rows = [[ca[t] for t in cells], [cb[t] for t in cells]]
+    rest = [len(a) - sum(rows[0]), len(b) - sum(rows[1])]
+    if rest[0] + rest[1] > 0:
+        rows[0].append(rest[0])
+        rows[1].append(rest[1])
+    if len(rows[0]) < 2:
+        return 0.0, 0
+    from scipy.stats import chi2_contingency
+
+    stat, _, dof, _ = chi2_contingency(rows, correction=False)
+    return float(stat), int(dof)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--draws", type=int, default=700, help="per prompt and setting, each side")
+    parser.add_argument("--prompts", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=6)
+    parser.add_argument("--keys", type=int, default=50, help="keys of the few-keys check")
+    parser.add_argument("--min-count", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    from scipy.stats import chi2
+
+    started = time.perf_counter()
+    bench = Bench()
+    texts = prompts(args.prompts, seed=9)
+    tables = []
+    few_keys = [random_key() for _ in range(args.keys)]
+    total_marked = 0
+    for text in texts:
+        prompt = bench.chat(text)
+        for setting in SETTINGS:
+            temperature = setting["temperature"]
+            rest = {k: v for k, v in setting.items() if k != "temperature"}
+            jobs = [random_key() for _ in range(args.draws)] + [None] * args.draws
+            jobs += [few_keys[i % len(few_keys)] for i in range(args.draws)]
+            outs = bench.generate(
+                [prompt] * len(jobs), [bench.params(k, temperature, args.tokens, exact=True, **rest) for k in jobs]
+            )
+            marked, plain, few = outs[: args.draws], outs[args.draws : 2 * args.draws], outs[2 * args.draws :]
+            total_marked += len(marked) + len(few)
+            for pos in POSITIONS:
+                stat, dof = homogeneity([o[pos] for o in marked], [o[pos] for o in plain], args.min_count)
+                few_stat, few_dof = homogeneity([o[pos] for o in few], [o[pos] for o in plain], args.min_count)
+                tables.append(
+                    {
+                        "prompt": text,
+                        "setting": setting,
+                        "position": pos,
+                        "chi2": round(stat, 2),
+                        "dof": dof,
+                        "p": round(float(chi2.sf(stat, dof)), 4) if dof else None,
+                        "few_keys_chi2": round(few_stat, 2),
+                        "few_keys_dof": few_dof,
+                        "few_keys_p": round(float(chi2.sf(few_stat, few_dof)), 4) if few_dof else None,
+                        "distinct_tokens": len({o[pos] for o in marked + plain}),
+                    }
+                )
+                print(json.dumps(tables[-1]), flush=True)
+    stat = sum(t["chi2"] for t in tables)
+    dof = sum(t["dof"] for t in tables)
+    few_stat = sum(t["few_keys_chi2"] for t in tables)
+    few_dof = sum(t["few_keys_dof"] for t in tables)
+    result = {
+        "benchmark": "watermark_distortion",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "engine_dtype": bench.dtype,
+        "draws_watermarked_fresh_keys": args.draws * len(texts) * len(SETTINGS),
+        "draws_watermarked_few_keys": args.draws * len(texts) * len(SETTINGS),
+        "draws_unwatermarked": args.draws * len(texts) * len(SETTINGS),
+        "next_token_draws_tested": 2 * len(POSITIONS) * args.draws * len(texts) * len(SETTINGS),
+        "few_keys": args.keys,
+        "settings": SETTINGS,
+        "positions": POSITIONS,
+        "combined": {"chi2": round(stat, 2), "dof": dof, "p": float(chi2.sf(stat, dof))},
+        "combined_few_keys": {"chi2": round(few_stat, 2), "dof": few_dof, "p": float(chi2.sf(few_stat, few_dof))},
+        "tables": tables,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps({k: result[k] for k in ("combined", "combined_few_keys", "draws_watermarked_fresh_keys")}))
+    name = f"watermark_distortion-{machine()['host']}-{datetime.now(UTC):%Y%m%d}.json"
+    out = args.out or REPO / "bench" / "results" / name
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
