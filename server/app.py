@@ -29,7 +29,7 @@ from server.identity.admin_routes import router as admin_router
 from server.identity.auth_routes import router as auth_router
 from server.identity.authn import Authenticator
 from server.identity.authz import check_route_declarations
-from server.identity.lockout import LoginThrottle
+from server.identity.lockout import LoginLockout
 from server.identity.login import LoginService
 from server.identity.passwords import PasswordHasher
 from server.identity.secrets import Keyring, load_master_secret
@@ -107,8 +107,7 @@ class Identity:
         hasher = hasher or PasswordHasher()
         tokens = TokenService(db, keyring, auth)
         totp = TotpService(keyring, issuer=auth.issuer)
-        throttle = LoginThrottle(auth.lockout_threshold, auth.lockout_base_seconds, auth.lockout_max_seconds)
-        login = LoginService(db, hasher, throttle, totp, tokens, auth)
+        login = LoginService(db, hasher, LoginLockout.from_settings(auth), totp, tokens, auth, audit)
         return cls(keyring, hasher, tokens, totp, login, Authenticator(db, keyring, tokens, auth, audit))
 
     def prepare(self, db: Database) -> None:
@@ -143,7 +142,9 @@ def create_app(
     hub = EngineHub()
     metrics = Metrics()
     metrics.watch_engines(lambda: hub.engines)
-    audit_sink = AuditSink(db)
+    audit_sink = AuditSink(
+        db, failure_interval=settings.audit.failure_interval_seconds, failure_max_rows=settings.audit.failure_max_rows
+    )
     identity = Identity.build(settings, db, audit_sink, password_hasher)
     gatekeeper = build_gatekeeper(settings, db, audit_sink)
     pool_control = PoolControl(db, [p.name for p in settings.pools], gatekeeper.apply_pool_state)
