@@ -21,7 +21,6 @@ from server.api.models_router import router as models_router
 from server.audit.routes import router as audit_router
 from server.audit.sink import AuditSink
 from server.engine.hub import EngineFactory, EngineHub, default_engine_factory
-from server.watermark.vllm_adapter import vllm_watermark
 from server.engine.pool_control import PoolControl
 from server.engine.swap import ModelSwapper
 from server.engine.types import ModelInfo
@@ -50,6 +49,7 @@ from server.watermark.admin_routes import router as watermark_admin_router
 from server.watermark.keys import WatermarkKeyring
 from server.watermark.marking import RequestMarker
 from server.watermark.routes import router as watermark_router
+from server.watermark.vllm_adapter import vllm_watermark
 
 log = logging.getLogger(__name__)
 

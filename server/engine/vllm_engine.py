@@ -7,6 +7,7 @@ translate our `SamplingOptions` into `SamplingParams` here; nothing a client sen
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -33,6 +34,25 @@ log = logging.getLogger(__name__)
 # Engine construction reads process-wide environment (device visibility, CPU KV cache size) when it spawns
 # its workers; one engine is built at a time.
 _BUILD_LOCK = threading.Lock()
+
+
+@functools.cache
+def vllm_api() -> Any:
+    """The pieces of vLLM that code running inside the engine uses (the watermark's processor base class,
+    batch-update types, the sampler's filter), imported here so that vLLM has one importer in the server."""
+    from types import SimpleNamespace
+
+    from vllm.config.model import PROCESSED_LOGPROBS_MODES
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+    return SimpleNamespace(
+        LogitsProcessor=LogitsProcessor,
+        BatchUpdate=BatchUpdate,
+        MoveDirectionality=MoveDirectionality,
+        PROCESSED_LOGPROBS_MODES=PROCESSED_LOGPROBS_MODES,
+        apply_top_k_top_p=apply_top_k_top_p,
+    )
 
 
 def vllm_available() -> bool:

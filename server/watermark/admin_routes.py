@@ -52,7 +52,15 @@ async def watermark_state(request: Request) -> dict[str, Any]:
     p, keys = principal_of(request), request.app.state.watermark_keys
     described = await asyncio.to_thread(keys.describe, p.org_id, everything=p.is_owner)
     s = keys.settings
-    config = {"enabled": s.enabled, "scheme": s.scheme, "gamma": s.gamma, "delta": s.delta, "width": s.width}
+    config = {
+        "enabled": s.enabled,
+        "scheme": s.scheme,
+        "gamma": s.gamma,
+        "delta": s.delta,
+        "gate": s.gate,
+        "warmup": s.warmup,
+        "width": s.width,
+    }
     return {"object": "watermark", "config": config, **described}
 
 
@@ -61,8 +69,10 @@ async def rotate_key(request: Request) -> dict[str, Any]:
     body = await _body(request, RotateBody)
     p, keys = principal_of(request), request.app.state.watermark_keys
     org_id = p.org_id if body.org_id is _UNSET else body.org_id
-    if org_id is None and not p.is_owner:
-        raise PermissionDenied("Only the installation's owner may rotate the deployment's default watermark key.")
+    if org_id is None and not p.can("watermark:default"):
+        raise PermissionDenied(
+            "Rotating the deployment's default watermark key needs the installation permission 'watermark:default'."
+        )
     if org_id is not None and not p.may_access_org(org_id):
         raise NotFound(f"Organization {org_id!r} not found.", param="org_id")
     actor = p.actor(client_addr(request))

@@ -42,33 +42,14 @@ import torch
 
 from kernels.watermark import apply_watermark
 from kernels.watermark_params import ContextTracker, RowParams, Scheme, WatermarkBatch
+from server.watermark.channel import SamplerChannel
 from server.watermark.request import WatermarkArgs, parse_wm
 from server.watermark.transport import KeySealer
 from server.watermark.types import GUMBEL, KGW_GATED, KGW_GATED_KERNEL_SCHEME
 
 log = logging.getLogger(__name__)
 
-
-class SamplerChannel:
-    """Hands one step's Gumbel rows from the logits processor to the sampler hook of the same engine process.
-
-    `installed` is set by the hook when it is put in place (`vllm_adapter.install_sampler`). `offer` is
-    called by every `apply` (None when the step has no Gumbel row), `take` by the sampler hook in the same
-    step; a batch is taken at most once and only by a sampler call over the same number of rows.
-    """
-
-    def __init__(self) -> None:
-        self.installed = False
-        self._pending: WatermarkBatch | None = None
-
-    def offer(self, batch: WatermarkBatch | None) -> None:
-        self._pending = batch
-
-    def take(self, n_rows: int) -> WatermarkBatch | None:
-        batch, self._pending = self._pending, None
-        if batch is not None and len(batch) != n_rows:
-            raise RuntimeError(f"watermark: a sampler step over {n_rows} rows met Gumbel rows for {len(batch)}")
-        return batch
+__all__ = ["BatchWatermarker", "SamplerChannel", "row_params"]
 
 
 @dataclass

@@ -49,7 +49,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from server.watermark.processor import SamplerChannel
+from server.watermark.channel import SamplerChannel
 
 # This process's channel between the processor and the sampler hook (one model runner per process: the
 # engine core process on CPU pools, each worker process of a tensor-parallel CUDA pool).
@@ -95,10 +95,10 @@ class WatermarkWorkerExtension:
 
 def install_sampler(runner: Any) -> dict[str, Any]:
     """Wrap `runner.sampler.topk_topp_sampler.forward` (idempotent) and open this process's channel."""
-    from vllm.config.model import PROCESSED_LOGPROBS_MODES
+    from server.engine.vllm_engine import vllm_api
 
     sampler = runner.sampler
-    if sampler.logprobs_mode in PROCESSED_LOGPROBS_MODES:
+    if sampler.logprobs_mode in vllm_api().PROCESSED_LOGPROBS_MODES:
         raise ValueError(f"the watermark sampler hook does not support logprobs_mode={sampler.logprobs_mode!r}")
     module = sampler.topk_topp_sampler
     if not getattr(module, "_watermark_hook", False):
@@ -126,12 +126,12 @@ def watermarked_sample(
     if pending is None:
         return inner(logits, generators, k, p)
     import torch
-    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
     from kernels.watermark import sample_gumbel
     from kernels.watermark_params import Scheme
+    from server.engine.vllm_engine import vllm_api
 
-    logits = apply_top_k_top_p(logits, k, p)
+    logits = vllm_api().apply_top_k_top_p(logits, k, p)
     chosen = sample_gumbel(logits, pending)
     marked = set((pending.effective_scheme() == Scheme.GUMBEL).nonzero().flatten().tolist())
     others = [i for i in range(logits.shape[0]) if i not in marked]
@@ -160,14 +160,15 @@ def _processor_class() -> type:
 
 
 def _define_processor() -> type:
-    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
-
     from kernels.watermark_cpu import prepare as prepare_fused_cpu_path
+    from server.engine.vllm_engine import vllm_api
     from server.watermark.processor import BatchWatermarker
     from server.watermark.request import parse_wm
     from server.watermark.transport import current_sealer
 
-    class WatermarkLogitsProcessor(LogitsProcessor):
+    vllm = vllm_api()
+
+    class WatermarkLogitsProcessor(vllm.LogitsProcessor):
         """Applies each request's server-set watermark (`SamplingParams.extra_args["_wm"]`) to the batch."""
 
         def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
@@ -188,7 +189,7 @@ def _define_processor() -> type:
         def is_argmax_invariant(self) -> bool:
             return False  # a watermark changes greedy choices too
 
-        def update_state(self, batch_update: BatchUpdate | None) -> None:
+        def update_state(self, batch_update: Any) -> None:
             if batch_update is None:
                 return
             for index in batch_update.removed:
@@ -196,7 +197,7 @@ def _define_processor() -> type:
             for index, params, _prompt_ids, output_ids in batch_update.added:
                 self._batch.add(index, params.extra_args, output_ids)
             for a, b, direction in batch_update.moved:
-                self._batch.move(a, b, swap=direction == MoveDirectionality.SWAP)
+                self._batch.move(a, b, swap=direction == vllm.MoveDirectionality.SWAP)
 
         def apply(self, logits: Any) -> Any:
             return self._batch.apply(logits)
