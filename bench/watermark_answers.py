@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import qa_set  # noqa: E402
-from wm_engine import REPO, Bench, machine, prompts, random_key  # noqa: E402
+from wm_engine import Bench, machine, prompts, random_key, write_result  # noqa: E402
 
 LENGTHS = (25, 50, 100, 200)
 THRESHOLDS = (1e-3, 1e-4)
@@ -150,10 +150,7 @@ def main() -> int:
         "curve": curve,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    name = f"watermark_answers-{machine()['host']}-{datetime.now(UTC):%Y%m%d}.json"
-    out = args.out or REPO / "bench" / "results" / name
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result("watermark_answers", result, args.out)
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from wm_engine import REPO, Bench, machine, prompts, random_key  # noqa: E402
+from wm_engine import Bench, machine, prompts, random_key, write_result  # noqa: E402
 
 SETTINGS = [
     {"temperature": 1.0, "top_p": 0.9, "presence_penalty": 0.5},
@@ -125,10 +125,7 @@ def main() -> int:
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     print(json.dumps({k: result[k] for k in ("combined", "combined_few_keys", "draws_watermarked_fresh_keys")}))
-    name = f"watermark_distortion-{machine()['host']}-{datetime.now(UTC):%Y%m%d}.json"
-    out = args.out or REPO / "bench" / "results" / name
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result("watermark_distortion", result, args.out)
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from wm_engine import REPO, Bench, machine, prompts, random_key  # noqa: E402
+from wm_engine import REPO, Bench, machine, prompts, random_key, write_result  # noqa: E402
 
 MODES = {"greedy": {"temperature": 0.0}, "sampled": {"temperature": 1.0, "top_p": 0.9}}
 
@@ -114,9 +113,7 @@ def main() -> int:
         "engines": engines,
         "target": "on/off >= 0.99",
     }
-    out_path = REPO / "bench" / "results" / f"watermark_overhead-{platform.node()}-{datetime.now(UTC):%Y%m%d}.json"
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out_path}")
+    write_result("watermark_overhead", result)
     return 0
 
 

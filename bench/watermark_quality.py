@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from wm_engine import REPO, Bench, machine, prompts, random_key  # noqa: E402
+from wm_engine import Bench, machine, prompts, random_key, write_result  # noqa: E402
 
 LENGTHS = (25, 50, 100, 200)
 MODES = {"sampled": {"temperature": 1.0, "top_p": 0.95}, "greedy": {"temperature": 0.0}}
@@ -148,11 +148,7 @@ def main() -> int:
     result["machine"] = machine()
     result["date"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
-    name = f"watermark_quality-{machine()['host']}-{datetime.now(UTC):%Y%m%d}.json"
-    out = args.out or REPO / "bench" / "results" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result("watermark_quality", result, args.out)
     return 0
 
 

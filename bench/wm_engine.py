@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from serving import machine  # noqa: E402
 
-__all__ = ["REPO", "Bench", "machine", "prompts", "random_key"]
+__all__ = ["REPO", "Bench", "machine", "prompts", "random_key", "write_result"]
 
 TOPICS = [
     "the ocean", "volcanoes", "honeybees", "the Roman Empire", "black holes", "bread baking", "chess",
@@ -46,6 +46,19 @@ def prompts(n: int, seed: int = 0) -> list[str]:
     combos = [t.format(topic) for t in TEMPLATES for topic in TOPICS]
     random.Random(seed).shuffle(combos)
     return [combos[i % len(combos)] for i in range(n)]
+
+
+def write_result(benchmark: str, result: dict[str, Any], out: Path | None = None) -> Path:
+    """Write `result` to `out`, or bench/results/<benchmark>-<host>-<UTC date>.json; returns the path."""
+    import json
+    from datetime import UTC, datetime
+
+    name = f"{benchmark}-{machine()['host']}-{datetime.now(UTC):%Y%m%d}.json"
+    path = out or REPO / "bench" / "results" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
 
 
 def random_key(scheme: str = "auto", **params: Any) -> Any:
