@@ -87,8 +87,8 @@ def apply_watermark_reference(logits: torch.Tensor, batch: WatermarkBatch) -> No
 def _apply_torch(logits: torch.Tensor, batch: WatermarkBatch, fused: bool) -> None:
     """The reference (`fused` False) or the same operation through `kernels.watermark_cpu`'s fused loops."""
     table = batch.table.cpu()
-    states = _row_states(table).to(logits.device)
     params = WatermarkBatch(table.to(logits.device), batch.has_gumbel, batch.any_active, batch.has_gated)
+    states: torch.Tensor | None = None  # per-row hash state, made when an ungated row needs it
     schemes = params.effective_scheme()
     gated = params.gate() > 0
     for scheme in (Scheme.KGW_LEFTHASH, Scheme.KGW_SELFHASH, Scheme.GUMBEL):
@@ -96,14 +96,15 @@ def _apply_torch(logits: torch.Tensor, batch: WatermarkBatch, fused: bool) -> No
             rows = ((schemes == scheme) & (gated == gate_rows)).nonzero().flatten()
             if rows.numel() == 0:
                 continue
+            if gate_rows:  # writes a few logits in place, no copy of the rows
+                _kgw_gated(logits, scheme, rows.tolist(), table, fused)
+                continue
+            if states is None:
+                states = _row_states(table).to(logits.device)
             every_row = rows.numel() == logits.shape[0]
             x = logits if every_row else logits[rows]  # a view (written in place) or a copy
             if scheme is Scheme.GUMBEL:
                 x.copy_(_gumbel_choose(x, _gumbel_uniform(states[rows], logits.shape[1], fused), params, rows))
-            elif gate_rows:
-                _kgw_gated(
-                    x, scheme, states[rows], params.threshold()[rows], params.delta()[rows], params.gate()[rows], fused
-                )
             elif not (
                 fused
                 and watermark_cpu.apply_kgw(
@@ -118,66 +119,94 @@ def _apply_torch(logits: torch.Tensor, batch: WatermarkBatch, fused: bool) -> No
                 logits[rows] = x
 
 
-def _kgw_gated(
-    x: torch.Tensor,
-    scheme: Scheme,
-    states: torch.Tensor,
-    threshold: torch.Tensor,
-    delta: torch.Tensor,
-    gate: torch.Tensor,
-    fused: bool = False,
-) -> None:
-    """Confidence-gated KGW on the rows `x` [N, V] in place, at the cost of about one pass over the logits.
+def _kgw_gated(logits: torch.Tensor, scheme: Scheme, rows: list[int], table: torch.Tensor, fused: bool) -> None:
+    """Confidence-gated KGW on the rows `rows` of `logits` in place (`table`: the batch's CPU table), at the cost
+    of about one pass over the logits; only logits within delta of a row's maximum can be written, so only they
+    are hashed.
 
-    Only logits within delta of a row's maximum can be written. So: one max pass per block of `_CHUNK`
-    logits finds each row's maximum and the few blocks that hold candidates; the candidates come from those
-    blocks alone; a row with a single candidate (no near-tie) cannot change its greedy choice and is left
-    as it is; the gate (`gate_floor`, the exact definition) takes one more pass (fused on CPU hosts), and
-    colours are computed for the candidates of open rows only, never for the vocabulary.
+    One max pass per block of `_CHUNK` logits gives each row's maximum m and the few blocks holding candidates
+    (x >= fl(m - delta)); a row with a single candidate has no near-tie and cannot change, so it is left as it
+    is. A tied row's gate, s = sum exp(x - m) against 1 / gate (`kernels.watermark_gate`), is often decided by
+    the block maxima alone: sum_c exp(max_c - m) <= s <= that sum times `_CHUNK`; the exact sum (fused on CPU
+    hosts) is taken only for rows the bounds leave open. Colours come from the keyed hash on Python ints
+    (`kernels.watermark_hash`), for the candidates of open rows.
     """
-    m, r, v = _window_candidates(x, delta)
+    heads = _chunk_maxima(logits)
+    index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+    params = WatermarkBatch(table[rows], False, True, True)
+    delta, gate = params.delta().to(logits.device), params.gate().to(logits.device)
+    h = heads[index]
+    m = h.amax(dim=1)  # NaN when the row holds one: no candidates, the gate stays closed
+    floor = torch.where(torch.isfinite(m), m - delta, torch.full_like(m, float("nan")))
+    r, v = _window_candidates(logits, index, h, floor)
     if r.numel() == 0:
         return
-    ties = torch.bincount(r, minlength=x.shape[0]) > 1
-    if not bool(ties.any()):
+    tied = (torch.bincount(r, minlength=len(rows)) > 1).nonzero().flatten()
+    if tied.numel() == 0:
         return
-    safe_m = torch.where(torch.isfinite(m), m, 0.0)
-    s = watermark_cpu.exp_sum(x, safe_m) if fused and watermark_cpu.applies_to(x) else None
-    is_open = gate_floor(x, delta, gate, m, s)[1] & ties
-    keep = is_open[r]
-    r, v = r[keep], v[keep]
-    if r.numel() == 0:
+    e = torch.exp(h[tied] - m[tied, None])
+    low, gates = e.sum(dim=1), gate[tied]
+    is_open = low * gates > 1.0
+    unsure = (~is_open & (low * _CHUNK * gates > 1.0)).nonzero().flatten()
+    if unsure.numel():
+        ids = tied[unsure]
+        x = logits[index[ids]]  # a copy of the few rows whose bounds did not decide
+        exact = watermark_cpu.exp_sum(x, m[ids]) if fused and watermark_cpu.applies_to(x) else None
+        is_open[unsure] = gate_floor(x, delta[ids], gate[ids], m[ids], exact)[1]
+    opened = set(tied[is_open].tolist())
+    if not opened:
         return
-    values = H.element_values(scheme, states[r], v[:, None])[:, 0]
-    green = H.u32_lt(values, threshold[r])
-    r, v = r[green], v[green]
-    x[r, v] = (x[r, v].float() + delta[r]).to(x.dtype)
+    states = [[w & H.MASK32 for w in row] for row in _row_states(params.table).tolist()]
+    thresholds = [t & H.MASK32 for t in params.threshold().tolist()]
+    hit = [
+        (ri, token)
+        for ri, token in zip(r.tolist(), v.tolist(), strict=True)
+        if ri in opened and _value(scheme, states[ri], token) < thresholds[ri]
+    ]
+    if hit:
+        ri_t = torch.tensor([ri for ri, _ in hit], dtype=torch.int64, device=logits.device)
+        wv = torch.tensor([token for _, token in hit], dtype=torch.int64, device=logits.device)
+        wr = index[ri_t]
+        logits[wr, wv] = (logits[wr, wv].float() + delta[ri_t]).to(logits.dtype)
+
+
+def _value(scheme: Scheme, state: list[int], token: int) -> int:
+    """value(token) of a KGW row with `state` (`row_state`, as uint32): the kernel's integers on Python ints."""
+    mixed = H.token_mix(token)
+    if scheme == Scheme.KGW_SELFHASH:
+        return H.fmix32(min(H.fmix32(state[0] ^ mixed), state[1]) ^ mixed)
+    return H.fmix32(state[0] ^ mixed)
 
 
 _CHUNK = 64
 
 
-def _window_candidates(x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(each row's maximum, then row and token of every logit with fp32(x) >= fl(max - delta) of its row,
-    `gate_floor`'s floor); rows holding a NaN or +inf have no candidates (their gate is closed)."""
+def _chunk_maxima(x: torch.Tensor) -> torch.Tensor:
+    """float32 [N, ceil(V / _CHUNK)]: the maximum of each block of `_CHUNK` logits (NaN propagates)."""
     n, vocab = x.shape
     whole = vocab - vocab % _CHUNK
-    heads = x[:, :whole].view(n, whole // _CHUNK, _CHUNK).amax(dim=2).float()  # NaN propagates
+    heads = x[:, :whole].view(n, whole // _CHUNK, _CHUNK).amax(dim=2).float()
     if whole < vocab:
         heads = torch.cat([heads, x[:, whole:].amax(dim=1, keepdim=True).float()], dim=1)
-    m = heads.amax(dim=1)
-    floor = m - delta
-    floor = torch.where(torch.isfinite(m), floor, torch.full_like(floor, float("nan")))  # NaN: nothing passes
+    return heads
+
+
+def _window_candidates(
+    x: torch.Tensor, index: torch.Tensor, heads: torch.Tensor, floor: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i, token) of every logit of row index[i] with fp32(x) >= floor[i], found from the blocks whose maximum
+    reaches the floor (a NaN floor: none)."""
+    vocab = x.shape[1]
     cr, cc = (heads >= floor[:, None]).nonzero(as_tuple=True)
     if cr.numel() == 0:
-        return m, cr, cc
+        return cr, cc
     offsets = cc * _CHUNK
     span = torch.arange(_CHUNK, device=x.device)
     tokens = (offsets[:, None] + span).clamp_(max=vocab - 1)
     inside = (offsets[:, None] + span) < vocab
-    hit = (x[cr[:, None], tokens].float() >= floor[cr, None]) & inside
+    hit = (x[index[cr][:, None], tokens].float() >= floor[cr, None]) & inside
     hr, hc = hit.nonzero(as_tuple=True)
-    return m, cr[hr], tokens[hr, hc]
+    return cr[hr], tokens[hr, hc]
 
 
 def _row_states(table: torch.Tensor) -> torch.Tensor:
