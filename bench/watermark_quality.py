@@ -15,11 +15,12 @@ user), scored by the model as the route does (confidences, for kgw-gated), then 
   * after replacing 20% of the tokens with random vocabulary tokens;
   * false positives on human-written text (package descriptions from the installed distributions'
     METADATA, cut into --tokens-token chunks) and on unwatermarked answers of the same model (sampled
-    and greedy), --negatives of each kind.
+    and greedy): --negatives human texts and --model-negatives answers per mode.
 
-The full study is --prompts 500 --tokens 200 --negatives 1000; on a 2-core CPU start small:
+The full study is --prompts 500 --tokens 200 --negatives 1000 --model-negatives 250 (the defaults); on a 2-core
+CPU start small:
 
-    .venv/bin/python bench/watermark_quality.py --prompts 40 --negatives 100
+    .venv/bin/python bench/watermark_quality.py --prompts 40 --negatives 100 --model-negatives 40
 
 Writes bench/results/watermark_quality-<host>-<date>.json.
 """
@@ -115,7 +116,7 @@ def study(args: argparse.Namespace) -> dict:
     result["generation_and_detection_seconds"] = round(time.perf_counter() - started, 1)
 
     negatives = {"human": human_negatives(bench.tokenizer, args.negatives, args.tokens)}
-    neg_texts = prompts(args.negatives, seed=3)
+    neg_texts = prompts(args.model_negatives, seed=3)
     for mode in MODES:
         negatives[f"model_unwatermarked_{mode}"] = answers(bench, neg_texts, [None] * len(neg_texts), mode, args.tokens)
     for name, items in negatives.items():
@@ -138,7 +139,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=500)
     parser.add_argument("--tokens", type=int, default=200)
-    parser.add_argument("--negatives", type=int, default=1000)
+    parser.add_argument("--negatives", type=int, default=1000, help="human-written negatives")
+    parser.add_argument("--model-negatives", type=int, default=250, help="unwatermarked answers per mode")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[1e-3, 1e-4])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -27,11 +27,16 @@ class WatermarkSettings(BaseModel):
     # and position (changes greedy answers; for compatibility). docs/watermark.md has the measurements.
     scheme: SchemeName = "auto"
     gamma: float = Field(default=0.25, gt=0.0, lt=1.0)  # KGW green-list fraction
-    delta: float = Field(default=2.0, gt=0.0, le=20.0)  # KGW logit bias (kgw-gated: also its near-tie window)
-    # kgw-gated: positions whose top probability is at least `gate` are never biased, nor are the first
-    # `warmup` tokens of an answer (short factual answers stay exactly what the model says).
-    gate: float = Field(default=0.2, gt=0.0, le=1.0)
-    warmup: int = Field(default=0, ge=0, le=256)
+    # KGW logit bias. For kgw-gated (greedy requests under auto keys) it is also the near-tie window: a
+    # position is biased only if the runner-up lies within delta nats of the top token, and then only
+    # tokens in that window can win. 3.0 is from the trade-off measured in docs/watermark.md; for the
+    # kgw-selfhash / kgw-lefthash schemes (every position) 2.0 is the literature's value.
+    delta: float = Field(default=3.0, gt=0.0, le=20.0)
+    # kgw-gated: positions whose top probability is at least `gate` are never biased (1.0: the near-tie
+    # window alone decides), nor are the first `warmup` tokens of an answer (short factual answers stay
+    # exactly what the model says).
+    gate: float = Field(default=1.0, gt=0.0, le=1.0)
+    warmup: int = Field(default=32, ge=0, le=256)
     # Context window hashed per token; 0 means the scheme's default (lefthash 1, selfhash 4, gumbel 4).
     width: int = Field(default=0, ge=0, le=8)
     # Detection: the family-wise false-positive bound (Bonferroni over every key and scheme tried).

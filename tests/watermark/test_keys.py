@@ -73,8 +73,14 @@ def orgs(db, keyring):
 def test_default_key_is_created_once_with_the_configured_parameters(keys):
     first = keys.ensure_default_key()
     assert re.fullmatch(r"wk_[0-9a-f]{12}", first.key_id) and len(first.key) == 16
-    assert (first.scheme, first.gamma, first.delta, first.width, first.org_id) == ("auto", 0.25, 2.0, 0, None)
     defaults = WatermarkSettings()
+    assert (first.scheme, first.gamma, first.delta, first.width, first.org_id) == (
+        "auto",
+        0.25,
+        defaults.delta,
+        0,
+        None,
+    )
     assert (first.gate, first.warmup) == (defaults.gate, defaults.warmup) and first.gate > 0
     assert keys.ensure_default_key() == first and keys.active_key_for(None).key == first.key
     assert first.key.hex() not in repr(first)

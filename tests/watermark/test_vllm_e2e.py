@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 STORY = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 KGW = KeyMaterial("wk_0000000000e1", "kgw-selfhash", 0.25, 2.0, 0, bytes(range(16)))
-AUTO = KeyMaterial("wk_0000000000e2", "auto", 0.25, 2.0, 0, bytes(range(16, 32)), gate=0.5, warmup=16)
+AUTO = KeyMaterial("wk_0000000000e2", "auto", 0.25, 3.0, 0, bytes(range(16, 32)), gate=1.0, warmup=32)  # defaults
 MAX_LEN = 1024
 
 
@@ -58,7 +58,7 @@ def test_confident_greedy_answers_are_untouched_and_open_ended_ones_detected(eng
     plain = _generate(engine, "france-plain", FRANCE, {}, temperature=0.0, max_tokens=30)
     assert engine[0].tokenizer.decode(plain) == "The capital of France is Paris."
     for i in range(4):  # under any key
-        key = KeyMaterial(f"wk_00000000000{i}", "auto", 0.25, 2.0, 0, bytes([i]) * 16, gate=0.5, warmup=16)
+        key = KeyMaterial(f"wk_00000000000{i}", "auto", 0.25, 3.0, 0, bytes([i]) * 16, gate=1.0, warmup=32)
         marked = _generate(
             engine, f"france-{i}", FRANCE, watermark_extra_args(key, 0.0), temperature=0.0, max_tokens=30
         )
