@@ -8,8 +8,10 @@ Output positions 0..3 are never marked (their context lies in the prompt, see
 server/watermark/processor.py), so the test looks at the tokens of the first marked positions, 4 and 5:
 if the keyed choice is an exact sample of the distribution the request asked for, the watermarked and the
 unwatermarked tokens there have the same distribution. Per (prompt, setting, position) a chi-square test of
-homogeneity on the 2 x K table (tokens seen fewer than --min-count times pooled into one cell); the tables
-are combined by adding chi-square statistics and degrees of freedom. A second, per-key check: with only
+homogeneity on the 2 x K table (tokens seen fewer than --min-count times pooled into one cell). Tables of
+one position are independent (each (prompt, setting) has its own requests) and are combined by adding
+chi-square statistics and degrees of freedom; the two positions share their requests, so each position is
+combined on its own and the smaller of the two p-values is doubled (Bonferroni). A second, per-key check: with only
 --keys keys (each used for many draws), the same test, showing the result does not rest on key variety.
 
     .venv/bin/python bench/watermark_distortion.py [--draws 700] [--prompts 5]
@@ -54,6 +56,21 @@ def homogeneity(a: list[int], b: list[int], min_count: int) -> tuple[float, int]
 
     stat, _, dof, _ = chi2_contingency(rows, correction=False)
     return float(stat), int(dof)
+
+
+def combine(tables: list[dict], position: int, prefix: str) -> dict:
+    """Sum of the chi-square statistics and degrees of freedom of one position's (independent) tables."""
+    from scipy.stats import chi2
+
+    rows = [t for t in tables if t["position"] == position]
+    stat = sum(t[f"{prefix}chi2"] for t in rows)
+    dof = sum(t[f"{prefix}dof"] for t in rows)
+    return {"tables": len(rows), "chi2": round(stat, 2), "dof": dof, "p": float(chi2.sf(stat, dof)) if dof else None}
+
+
+def bonferroni(combined: dict) -> float | None:
+    ps = [c["p"] for c in combined.values() if c["p"] is not None]
+    return min(1.0, len(ps) * min(ps)) if ps else None
 
 
 def main() -> int:
@@ -103,10 +120,8 @@ def main() -> int:
                     }
                 )
                 print(json.dumps(tables[-1]), flush=True)
-    stat = sum(t["chi2"] for t in tables)
-    dof = sum(t["dof"] for t in tables)
-    few_stat = sum(t["few_keys_chi2"] for t in tables)
-    few_dof = sum(t["few_keys_dof"] for t in tables)
+    combined = {f"position_{pos}": combine(tables, pos, "") for pos in POSITIONS}
+    few_combined = {f"position_{pos}": combine(tables, pos, "few_keys_") for pos in POSITIONS}
     result = {
         "benchmark": "watermark_distortion",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -115,12 +130,12 @@ def main() -> int:
         "draws_watermarked_fresh_keys": args.draws * len(texts) * len(SETTINGS),
         "draws_watermarked_few_keys": args.draws * len(texts) * len(SETTINGS),
         "draws_unwatermarked": args.draws * len(texts) * len(SETTINGS),
-        "next_token_draws_tested": 2 * len(POSITIONS) * args.draws * len(texts) * len(SETTINGS),
+        "watermarked_next_token_draws_tested": len(POSITIONS) * args.draws * len(texts) * len(SETTINGS),
         "few_keys": args.keys,
         "settings": SETTINGS,
         "positions": POSITIONS,
-        "combined": {"chi2": round(stat, 2), "dof": dof, "p": float(chi2.sf(stat, dof))},
-        "combined_few_keys": {"chi2": round(few_stat, 2), "dof": few_dof, "p": float(chi2.sf(few_stat, few_dof))},
+        "combined": {**combined, "p_bonferroni": bonferroni(combined)},
+        "combined_few_keys": {**few_combined, "p_bonferroni": bonferroni(few_combined)},
         "tables": tables,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }

@@ -14,9 +14,10 @@ CPU hosts run two engines one after the other: `fused` (as shipped: the Inductor
 kernels/watermark_cpu.py) and `eager` (the plain torch reference, SMS_WATERMARK_FUSED_CPU=0); a CUDA host runs
 one (`shipped`: the Triton kernel). Every round generates the same --batch prompts x --tokens tokens
 (min_tokens = max_tokens), so both variants do the same work; medians over --rounds. The ratio on/off
-is taken within one engine, so engine-to-engine differences cancel.
+is taken within one engine, so engine-to-engine differences cancel: the ratio of the medians, and the
+median of each round's own on/off (adjacent runs, so slow drifts of a shared VM cancel too).
 
-    .venv/bin/python bench/watermark_overhead.py [--batch 8] [--tokens 128] [--rounds 5]
+    .venv/bin/python bench/watermark_overhead.py [--batch 8] [--tokens 128] [--rounds 9]
 
 Writes bench/results/watermark_overhead-<host>-<date>.json.
 """
@@ -64,10 +65,12 @@ def one_engine(args: argparse.Namespace) -> dict:
                 rounds[variant].append(round(run(mode, variant), 1))
                 print(f"{args.engine:7s} {mode:7s} round {i} {variant:3s} {rounds[variant][-1]:8.1f} tok/s", flush=True)
         median = {v: statistics.median(r) for v, r in rounds.items()}
+        pairs = [on / off for on, off in zip(rounds["on"], rounds["off"], strict=True)]
         result[mode] = {
             "tokens_per_s": rounds,
             "median_tokens_per_s": median,
             "on/off": round(median["on"] / median["off"], 4),
+            "on/off_paired_median": round(statistics.median(pairs), 4),
         }
     return result
 
@@ -76,7 +79,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--kv-cache-gib", type=int, default=2)
     parser.add_argument("--engine", choices=["fused", "eager", "shipped"], help=argparse.SUPPRESS)  # a child run
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
@@ -97,7 +100,8 @@ def main() -> int:
             cmd = [sys.executable, __file__, "--engine", kind, "--child-out", str(child_out), *sys.argv[1:]]
             subprocess.run(cmd, env=env, check=True, cwd=REPO)
             engines[kind] = json.loads(child_out.read_text())
-        print(kind, {mode: engines[kind][mode]["on/off"] for mode in MODES})
+        ratios = {m: (engines[kind][m]["on/off"], engines[kind][m]["on/off_paired_median"]) for m in MODES}
+        print(kind, ratios)
     result = {
         "benchmark": "watermark_overhead",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

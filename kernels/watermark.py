@@ -126,10 +126,11 @@ def _kgw_gated(logits: torch.Tensor, scheme: Scheme, rows: list[int], table: tor
 
     One max pass per block of `_CHUNK` logits gives each row's maximum m and the few blocks holding candidates
     (x >= fl(m - delta)); a row with a single candidate has no near-tie and cannot change, so it is left as it
-    is. A tied row's gate, s = sum exp(x - m) against 1 / gate (`kernels.watermark_gate`), is often decided by
-    the block maxima alone: sum_c exp(max_c - m) <= s <= that sum times `_CHUNK`; the exact sum (fused on CPU
-    hosts) is taken only for rows the bounds leave open. Colours come from the keyed hash on Python ints
-    (`kernels.watermark_hash`), for the candidates of open rows.
+    is. A tied row's gate, s = sum exp(x - m) against 1 / gate (`kernels.watermark_gate`), is open outright
+    when gate >= 1 (s > 1 for any tied row), and otherwise often decided by the block maxima alone:
+    sum_c exp(max_c - m) <= s <= that sum times `_CHUNK`; the exact sum (fused on CPU hosts) is taken only
+    for rows the bounds leave open. Colours come from the keyed hash (`kernels.watermark_hash`) of the
+    candidates of open rows only, and hash states only for those rows.
     """
     heads = _chunk_maxima(logits)
     index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
@@ -144,41 +145,38 @@ def _kgw_gated(logits: torch.Tensor, scheme: Scheme, rows: list[int], table: tor
     tied = (torch.bincount(r, minlength=len(rows)) > 1).nonzero().flatten()
     if tied.numel() == 0:
         return
-    e = torch.exp(h[tied] - m[tied, None])
-    low, gates = e.sum(dim=1), gate[tied]
-    is_open = low * gates > 1.0
-    unsure = (~is_open & (low * _CHUNK * gates > 1.0)).nonzero().flatten()
-    if unsure.numel():
-        ids = tied[unsure]
-        x = logits[index[ids]]  # a copy of the few rows whose bounds did not decide
-        exact = watermark_cpu.exp_sum(x, m[ids]) if fused and watermark_cpu.applies_to(x) else None
-        is_open[unsure] = gate_floor(x, delta[ids], gate[ids], m[ids], exact)[1]
-    opened = set(tied[is_open].tolist())
-    if not opened:
+    gates = gate[tied]
+    if bool(((gates >= 1.0) & (delta[tied] <= _SURE_DELTA)).all()):
+        is_open = torch.ones_like(tied, dtype=torch.bool)  # s >= 1 + exp(-delta) > 1 >= 1 / gate
+    else:
+        low = torch.exp(h[tied] - m[tied, None]).sum(dim=1)
+        is_open = low * gates > 1.0
+        unsure = (~is_open & (low * _CHUNK * gates > 1.0)).nonzero().flatten()
+        if unsure.numel():
+            ids = tied[unsure]
+            x = logits[index[ids]]  # a copy of the few rows whose bounds did not decide
+            exact = watermark_cpu.exp_sum(x, m[ids]) if fused and watermark_cpu.applies_to(x) else None
+            is_open[unsure] = gate_floor(x, delta[ids], gate[ids], m[ids], exact)[1]
+    opened = tied[is_open]
+    if opened.numel() == 0:
         return
-    states = [[w & H.MASK32 for w in row] for row in _row_states(params.table).tolist()]
-    thresholds = [t & H.MASK32 for t in params.threshold().tolist()]
-    hit = [
-        (ri, token)
-        for ri, token in zip(r.tolist(), v.tolist(), strict=True)
-        if ri in opened and _value(scheme, states[ri], token) < thresholds[ri]
-    ]
-    if hit:
-        ri_t = torch.tensor([ri for ri, _ in hit], dtype=torch.int64, device=logits.device)
-        wv = torch.tensor([token for _, token in hit], dtype=torch.int64, device=logits.device)
-        wr = index[ri_t]
-        logits[wr, wv] = (logits[wr, wv].float() + delta[ri_t]).to(logits.dtype)
-
-
-def _value(scheme: Scheme, state: list[int], token: int) -> int:
-    """value(token) of a KGW row with `state` (`row_state`, as uint32): the kernel's integers on Python ints."""
-    mixed = H.token_mix(token)
-    if scheme == Scheme.KGW_SELFHASH:
-        return H.fmix32(min(H.fmix32(state[0] ^ mixed), state[1]) ^ mixed)
-    return H.fmix32(state[0] ^ mixed)
+    row_open = torch.zeros(len(rows), dtype=torch.bool, device=r.device)
+    row_open[opened] = True
+    keep = row_open[r]
+    r, v = r[keep], v[keep]
+    states = torch.zeros((len(rows), 2), dtype=torch.int32)
+    states[opened.cpu()] = _row_states(params.table[opened.cpu()])  # hash states of the open rows only
+    values = H.element_values(scheme, states.to(r.device)[r], v[:, None])[:, 0]
+    green = H.u32_lt(values, params.threshold().to(r.device)[r])
+    wr, wv = index[r[green]], v[green]
+    if wr.numel():
+        logits[wr, wv] = (logits[wr, wv].float() + delta[r[green]]).to(logits.dtype)
 
 
 _CHUNK = 64
+# A tied row (a second logit within delta of the maximum) has s >= 1 + exp(-delta), which float32 keeps
+# above 1 for delta up to ~15.9: with gate >= 1 such a row is open whatever the rest of the row holds.
+_SURE_DELTA = 15.0
 
 
 def _chunk_maxima(x: torch.Tensor) -> torch.Tensor:
@@ -264,11 +262,41 @@ def sample_gumbel(logits: torch.Tensor, batch: WatermarkBatch) -> torch.Tensor:
         return out
     states = _row_states(sub.table)
     inv_t = 1.0 / sub.temperature()
-    chosen = watermark_cpu.gumbel_argmax(x, states, inv_t) if watermark_cpu.applies_to(x) else None
+    chosen = _filtered_gumbel(x, states, inv_t)
+    if chosen is None and watermark_cpu.applies_to(x):
+        chosen = watermark_cpu.gumbel_argmax(x, states, inv_t)
     if chosen is None:
         chosen = _gumbel_winner(x, _gumbel_uniform(states, logits.shape[1], False), sub.temperature())[:, 0]
     out[rows] = chosen
     return out
+
+
+_SPARSE_SHARE = 4  # the support path serves when at most 1/_SPARSE_SHARE of the blocks hold a live logit
+
+
+def _filtered_gumbel(x: torch.Tensor, states: torch.Tensor, inv_t: torch.Tensor) -> torch.Tensor | None:
+    """The Gumbel choice of the rows `x` computed on their support only, int64 [N]; None where the whole
+    vocabulary must be scored (a wide support, a NaN, a row without a live logit).
+
+    After top-k or top-p most logits are -inf (on the default model at top_p 0.9 the median row keeps ~20
+    tokens), and -inf never wins, so only the live logits (finite or +inf) need u(v): found through the
+    block maxima (`_chunk_maxima`, one pass) and scored with the eager reference's own formula (the same
+    floats, ties to the lowest index). A NaN is refused because it hides its block's other logits from the
+    maxima; the dense paths read it as -inf."""
+    heads = _chunk_maxima(x)
+    if bool(torch.isnan(heads).any()):
+        return None
+    live = heads > float("-inf")
+    if int(live.sum()) * _SPARSE_SHARE > live.numel() or not bool(live.any(dim=1).all()):
+        return None
+    index = torch.arange(x.shape[0], device=x.device)
+    floor = torch.full((x.shape[0],), torch.finfo(torch.float32).min, device=x.device)
+    r, v = _window_candidates(x, index, heads, floor)  # every logit >= the lowest finite float
+    u = H.gumbel_uniform(H.element_values(Scheme.GUMBEL, states[r], v[:, None])[:, 0])
+    score = x[r, v].float() * inv_t[r] - torch.log(-torch.log(u))
+    best = torch.full((x.shape[0],), float("-inf"), device=x.device).scatter_reduce_(0, r, score, "amax")
+    first = score == best[r]
+    return torch.full_like(index, x.shape[1]).scatter_reduce_(0, r[first], v[first], "amin")
 
 
 def row_values(batch: WatermarkBatch, vocab_size: int) -> torch.Tensor:

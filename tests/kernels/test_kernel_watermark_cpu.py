@@ -173,3 +173,33 @@ def test_sampler_choice_fused_matches_the_reference(fused, vocab: int) -> None:
             else:
                 assert int(chosen[i]) == int(want[i].nan_to_num(float("-inf")).argmax()), (n_rows, i)
                 assert chosen[i] >= vocab // 3  # never a filtered token
+
+
+@pytest.mark.parametrize("vocab", [1_000, 49_152])
+def test_sampler_choice_on_a_narrow_support_matches_the_reference(vocab: int) -> None:
+    """After top-p most logits are -inf: the choice is scored on the live logits only (kernels.watermark.
+    _filtered_gumbel), and must be the dense reference's token, with +inf, NaN and dead rows as well."""
+    from kernels.watermark import _filtered_gumbel, _row_states, sample_gumbel
+
+    rng = random.Random(vocab + 3)
+    used_support_path = 0
+    for case in ("narrow", "inf", "nan", "dead_row", "wide"):
+        n_rows = 6
+        rows = [RowParams(Scheme.GUMBEL, rng.randbytes(16), [rng.randrange(vocab) for _ in range(4)])] * n_rows
+        batch = WatermarkBatch.build(rows)
+        x = torch.full((n_rows, vocab), float("-inf"))
+        for r in range(n_rows):
+            keep = rng.sample(range(vocab), rng.randrange(1, max(2, vocab // 400)) if case != "wide" else vocab)
+            x[r, keep] = torch.randn(len(keep), generator=torch.Generator().manual_seed(r)) * 2
+        if case == "inf":
+            x[1, rng.randrange(vocab)] = float("inf")
+        if case == "nan":
+            x[2, rng.randrange(vocab)] = float("nan")
+        if case == "dead_row":
+            x[3] = float("-inf")
+        want = x.clone()
+        apply_watermark_reference(want, batch)
+        chosen = sample_gumbel(x, batch)
+        assert torch.equal(chosen, want.nan_to_num(float("-inf")).argmax(dim=1)), case
+        used_support_path += _filtered_gumbel(x, _row_states(batch.table), torch.ones(n_rows)) is not None
+    assert used_support_path >= 2  # narrow and inf took the support path (nan, dead rows and wide did not)
