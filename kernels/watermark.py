@@ -47,7 +47,16 @@ import torch
 from kernels import watermark_cpu
 from kernels import watermark_hash as H
 from kernels.watermark_gate import gate_floor
-from kernels.watermark_params import COL_CONTEXT, COL_CTX_LEN, COL_KEY, COL_SCHEME, COL_SKIP, Scheme, WatermarkBatch
+from kernels.watermark_params import (
+    COL_CONTEXT,
+    COL_CTX_LEN,
+    COL_GATE,
+    COL_KEY,
+    COL_SCHEME,
+    COL_SKIP,
+    Scheme,
+    WatermarkBatch,
+)
 
 __all__ = [
     "apply_watermark",
@@ -89,16 +98,19 @@ def _apply_torch(logits: torch.Tensor, batch: WatermarkBatch, fused: bool) -> No
     table = batch.table.cpu()
     params = WatermarkBatch(table.to(logits.device), batch.has_gumbel, batch.any_active, batch.has_gated)
     states: torch.Tensor | None = None  # per-row hash state, made when an ungated row needs it
-    schemes = params.effective_scheme()
-    gated = params.gate() > 0
+    groups: dict[tuple[int, bool], list[int]] = {}  # (scheme, gated) -> rows, grouped on the host
+    for i, (scheme_code, skip, gate_bits) in enumerate(table[:, [COL_SCHEME, COL_SKIP, COL_GATE]].tolist()):
+        if scheme_code != Scheme.OFF and not skip:
+            groups.setdefault((scheme_code, gate_bits != 0 and scheme_code != Scheme.GUMBEL), []).append(i)
     for scheme in (Scheme.KGW_LEFTHASH, Scheme.KGW_SELFHASH, Scheme.GUMBEL):
         for gate_rows in (False, True) if scheme is not Scheme.GUMBEL else (False,):
-            rows = ((schemes == scheme) & (gated == gate_rows)).nonzero().flatten()
-            if rows.numel() == 0:
+            members = groups.get((scheme, gate_rows))
+            if not members:
                 continue
             if gate_rows:  # writes a few logits in place, no copy of the rows
-                _kgw_gated(logits, scheme, rows.tolist(), table, fused)
+                _kgw_gated(logits, scheme, members, table, fused)
                 continue
+            rows = torch.tensor(members, dtype=torch.int64, device=logits.device)
             if states is None:
                 states = _row_states(table).to(logits.device)
             every_row = rows.numel() == logits.shape[0]
