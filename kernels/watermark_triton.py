@@ -6,19 +6,22 @@ interpreter with TRITON_INTERPRET=1 set before this import).
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
-import triton
-import triton.language as tl
+import triton  # type: ignore[import-untyped]
+import triton.language as tl  # type: ignore[import-untyped]
 
 from kernels import watermark_hash as H
 from kernels import watermark_params as P
 from kernels.watermark_gate import gate_floor
 
 
-def _jit_shared(fn: types.FunctionType):
+def _jit_shared(leaf: Callable[..., Any]) -> Any:
     """`triton.jit` of a hash leaf from watermark_hash, which must not import Triton. The interpreter
     looks for triton.language among a jit function's globals, so jit a copy whose globals have it."""
+    fn = cast(types.FunctionType, leaf)
     clone = types.FunctionType(fn.__code__, {**fn.__globals__, "tl": tl}, fn.__name__, fn.__defaults__)
     clone.__qualname__, clone.__doc__, clone.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
     return triton.jit(clone)

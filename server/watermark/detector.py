@@ -128,7 +128,7 @@ def scored_positions(
 
 def kgw_p_value(green: int, n: int, p0: float) -> float:
     """P(Binomial(n, p0) >= green), exact."""
-    from scipy import stats
+    from scipy import stats  # type: ignore[import-untyped]
 
     return float(stats.binom.sf(green - 1, n, p0))
 

@@ -24,8 +24,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from server.audit.service import Actor, record
@@ -95,7 +96,10 @@ class WatermarkKeyring:
 
     def active_key_for(self, org_id: str | None) -> KeyMaterial:
         """The organization's active key if it has one, else the deployment default."""
-        return self._or_default(_pick(self._fresh_snapshot(), org_id, None))
+        material = self._or_default(_pick(self._fresh_snapshot(), org_id, None))
+        if material is None:  # api_key_id None is never exempt
+            raise RuntimeError("no active watermark key")
+        return material
 
     def for_request(self, org_id: str | None, api_key_id: str | None) -> KeyMaterial | None:
         """The key to watermark a request with, or None when watermarking is off or the API key is exempt."""
@@ -124,7 +128,7 @@ class WatermarkKeyring:
         """The keys detection may try for a caller of `org_id`: its own and the default's, active and retired."""
         with self._db.session() as session:
             query = select(WatermarkKey).order_by(WatermarkKey.created_at.desc(), WatermarkKey.key_id)
-            scope = WatermarkKey.org_id.is_(None)
+            scope: ColumnElement[bool] = WatermarkKey.org_id.is_(None)
             if org_id is not None:
                 scope = scope | (WatermarkKey.org_id == org_id)
             rows = list(session.scalars(query.where(scope)))
@@ -138,7 +142,7 @@ class WatermarkKeyring:
             rows = list(session.scalars(select(WatermarkKey).order_by(WatermarkKey.created_at.desc())))
         return [self._material(r) for r in rows]
 
-    def describe(self, org_id: str | None, *, everything: bool = False) -> dict[str, list[dict[str, object]]]:
+    def describe(self, org_id: str | None, *, everything: bool = False) -> dict[str, list[dict[str, Any]]]:
         """Key metadata (never material) and exemptions visible to `org_id` (its own and the default's
         keys, its API keys' exemptions), or of every organization with `everything`."""
         with self._db.session() as session:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from typing import cast
 
 from server.engine.types import Engine, GenerationRequest
 from server.identity.principal import Principal
@@ -25,6 +26,7 @@ from server.watermark.request import (
     header_value,
     watermark_extra_args,
 )
+from server.watermark.types import KeyMaterial
 
 
 class RequestMarker:
@@ -44,6 +46,7 @@ class RequestMarker:
             material = await asyncio.to_thread(self.keys.for_request, principal.org_id, principal.api_key_id)
         if material is None:  # the API key is exempt (watermarking is on: checked above)
             return gens, {HEADER: header_value(None, off=OFF_EXEMPT)}
+        material = cast(KeyMaterial, material)  # neither None nor STALE from here on
         marked = [
             replace(
                 g,

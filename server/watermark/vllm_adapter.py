@@ -168,7 +168,7 @@ def _define_processor() -> type:
 
     vllm = vllm_api()
 
-    class WatermarkLogitsProcessor(vllm.LogitsProcessor):
+    class WatermarkLogitsProcessor(vllm.LogitsProcessor):  # type: ignore[name-defined]
         """Applies each request's server-set watermark (`SamplingParams.extra_args["_wm"]`) to the batch."""
 
         def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
