@@ -76,7 +76,7 @@ def random_key(scheme: str = "auto", **params: Any) -> Any:
 class Bench:
     """The default model in an offline vLLM engine built as the server builds a CPU (or CUDA) pool's engine."""
 
-    def __init__(self, kv_cache_gib: int = 2, max_model_len: int = 1024) -> None:
+    def __init__(self, kv_cache_gib: int = 2, max_model_len: int = 1024, seed: int = 0) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
@@ -108,7 +108,7 @@ class Bench:
             logits_processors=list(ext.logits_processors),
             worker_extension_cls=ext.worker_extension_cls,
             disable_log_stats=True,
-            seed=0,
+            seed=seed,
         )
         replies = self.llm.collective_rpc(INSTALL_RPC)
         if not replies or not all(r.get("installed") for r in replies):
