@@ -37,12 +37,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from wm_engine import Bench, machine, prompts, random_key, write_result  # noqa: E402
 
+from server.watermark.settings import WatermarkSettings  # noqa: E402
+from server.watermark.types import GUMBEL, effective_width  # noqa: E402
+
 SETTINGS = [
     {"temperature": 1.0, "top_p": 0.9, "presence_penalty": 0.5},
     {"temperature": 0.7, "top_k": 40, "frequency_penalty": 0.8},
     {"temperature": 1.2, "min_p": 0.05, "top_p": 0.95, "repetition_penalty": 1.2},
 ]
-POSITIONS = (4, 5)
+# The sampled scheme's context width under the deployment defaults: output positions below it are never marked.
+WIDTH = effective_width(GUMBEL, WatermarkSettings().width)
+POSITIONS = (WIDTH, WIDTH + 1)
 
 
 def homogeneity(a: list[int], b: list[int], min_count: int) -> tuple[float, int]:
@@ -67,7 +72,7 @@ def first_per_context(outs: list[list[int]], key_ids: list[str], pos: int) -> li
     seen: set[tuple[str, tuple[int, ...]]] = set()
     kept = []
     for out, key_id in zip(outs, key_ids, strict=True):
-        pair = (key_id, tuple(out[pos - 4 : pos]))
+        pair = (key_id, tuple(out[pos - WIDTH : pos]))
         if pair not in seen:
             seen.add(pair)
             kept.append(out)

@@ -176,8 +176,9 @@ def _kgw_gated(logits: torch.Tensor, scheme: Scheme, rows: list[int], table: tor
     row_open[opened] = True
     keep = row_open[r]
     r, v = r[keep], v[keep]
+    open_rows = opened.cpu()
     states = torch.zeros((len(rows), 2), dtype=torch.int32)
-    states[opened.cpu()] = _row_states(params.table[opened.cpu()])  # hash states of the open rows only
+    states[open_rows] = _row_states(params.table[open_rows])  # hash states of the open rows only
     values = H.element_values(scheme, states.to(r.device)[r], v[:, None])[:, 0]
     green = H.u32_lt(values, params.threshold().to(r.device)[r])
     wr, wv = index[r[green]], v[green]
